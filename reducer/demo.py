@@ -1,0 +1,52 @@
+"""``reducer demo``: simulate a night, make its directory, run doit there, say where results are."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEMO_UTDATE = "20261120"
+#: the tasks the demo runs, in order; each later issue's user-facing tasks join this list
+DEMO_TASKS = (["inventory"],)
+
+
+def run_doit(night_dir: Path, *args: str) -> int:
+    """Run ``doit ARGS`` in a night directory with this interpreter; return its exit status."""
+    cmd = [sys.executable, "-m", "doit", *args]
+    print(f"$ (cd {night_dir} && doit {' '.join(args)})", flush=True)
+    return subprocess.call(cmd, cwd=night_dir)
+
+
+def run_demo(where: Path, seed: int = 1) -> int:
+    """Simulate night :data:`DEMO_UTDATE` under ``where`` and reduce it.
+
+    Layout: ``where/raw/UTDATE`` (raw frames), ``where/truth`` (the simulator's truth),
+    ``where/refcat.ecsv`` (reference catalogue), ``where/redux/UTDATE`` (the night).
+    """
+    from .config import SiteSettings, DEFAULTS, _merge
+    from .night import make_night_dir
+    from .testing import make_night
+    where = Path(where).resolve()
+    raw = where / "raw" / DEMO_UTDATE
+    t0 = time.time()
+    if not any(raw.glob("*.fits")):
+        print(f"simulating night {DEMO_UTDATE} (seed {seed}) into {raw} ...", flush=True)
+        make_night(raw, seed=seed, utdate=DEMO_UTDATE)
+    else:
+        print(f"using the simulated night already in {raw}")
+    site = SiteSettings(_merge(DEFAULTS, {"instrument": "demo", "raw": str(where / "raw" / "{utdate}"),
+                                          "redux": str(where / "redux"),
+                                          "masters_store": str(where / "masters")}), None, where)
+    res = make_night_dir(site, DEMO_UTDATE, raw=raw, instrument="demo")
+    for tasks in DEMO_TASKS:
+        rc = run_doit(res.path, *tasks)
+        if rc != 0:
+            print(f"reducer demo: `doit {' '.join(tasks)}` failed (exit {rc}); see above", file=sys.stderr)
+            return rc
+    print(f"\ndemo done in {time.time() - t0:.0f} s. Results in {res.path}:")
+    for p in sorted(res.path.iterdir()):
+        if not p.name.startswith("."):
+            print(f"  {p.name}")
+    return 0
