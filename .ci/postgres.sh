@@ -17,8 +17,9 @@
 # Settings (environment): REDUCER_PG_CLUSTER, REDUCER_PG_PORT, REDUCER_PG_USER,
 # REDUCER_PG_PASSWORD, REDUCER_PG_DB (letters, digits and '_' only).
 #
-# Sourced, it never changes the caller's shell options: the work runs in a subshell
-# (with set -euo pipefail) and a failure makes `source` return 1.
+# Sourced, it never changes the caller's shell options: the work runs in a separate
+# bash process (with set -euo pipefail); a failure makes `source` return 1 and leaves
+# REDUCER_TEST_PG_URL as it was.
 
 _reducer_pg_setup() (
     set -euo pipefail
@@ -113,8 +114,16 @@ SQL
     echo "postgresql+psycopg2://$user:$password@127.0.0.1:$port/$db"
 )
 
-# `set -e` inside the subshell only works outside if/||/&& contexts, hence "; echo".
-_reducer_pg_out=$(_reducer_pg_setup; echo "rc=$?")
+# The setup runs in a new bash process: `set -e` is silently ignored in a function or
+# subshell called from an if/||/&& context (as in `source .ci/postgres.sh || ...`),
+# but not in another process.
+_reducer_pg_out=$(
+    REDUCER_PG_CLUSTER=${REDUCER_PG_CLUSTER:-} REDUCER_PG_PORT=${REDUCER_PG_PORT:-} \
+    REDUCER_PG_USER=${REDUCER_PG_USER:-} REDUCER_PG_PASSWORD=${REDUCER_PG_PASSWORD:-} \
+    REDUCER_PG_DB=${REDUCER_PG_DB:-} REDUCER_PG_APT=${REDUCER_PG_APT:-} \
+        bash -c "$(declare -f _reducer_pg_setup); _reducer_pg_setup"
+    echo "rc=$?"
+)
 if [[ $_reducer_pg_out == *rc=0 ]]; then
     _reducer_pg_out=${_reducer_pg_out%rc=0}
     export REDUCER_TEST_PG_URL="${_reducer_pg_out//$'\n'/}"

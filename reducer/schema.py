@@ -63,7 +63,9 @@ def describe(spec) -> str:
     if isinstance(spec, Table):
         return "a table"
     if isinstance(spec, ListOf):
-        return f"an array of {describe(spec.item)}"
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "true/false values"}
+        inner = plural.get(spec.item) if isinstance(spec.item, type) else None
+        return f"an array of {inner or describe(spec.item)}"
     if isinstance(spec, MapOf):
         return f"a table of {describe(spec.value)}"
     if isinstance(spec, OneOf):
@@ -94,7 +96,7 @@ def _check(value, spec, path: str, errors: list[str]) -> None:
         validate_table(value, spec, path, errors)
     elif isinstance(spec, ListOf):
         if not isinstance(value, list):
-            errors.append(f"{_where(path)} must be {describe(spec)}, not {_typename(value)}")
+            errors.append(f"{_where(path)} must be {describe(spec)}, not {_typename(value)} {value!r}")
             return
         for i, item in enumerate(value):
             _check(item, spec.item, f"{path}[{i}]", errors)
@@ -135,9 +137,12 @@ def validate_table(data: dict, spec: Table, path: str, errors: list[str]) -> Non
     for key, value in data.items():
         sub = f"{path}.{key}" if path else key
         if key not in spec.keys:
+            import difflib
             allowed = ", ".join(sorted(spec.keys))
             where = f"[{path}] " if path else ""
-            errors.append(f"{where}unknown key '{key}' (allowed: {allowed})")
+            near = difflib.get_close_matches(key, list(spec.keys), n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            errors.append(f"{where}unknown key '{key}' ({hint}allowed: {allowed})")
             continue
         _check(value, spec.keys[key], sub, errors)
     for key in spec.required:

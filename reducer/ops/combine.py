@@ -1,0 +1,1100 @@
+"""Memory-bounded, exact sigma-clipped mean combine (KPF master-calibration recipe).
+
+This module is pure: it does no file I/O.  :func:`clipped_mean` combines an
+in-memory stack; :func:`combine` drives it strip by strip over *sources* (objects
+that read row ranges of frames, see :mod:`reducer.fitsio_strips`) so that the
+memory used stays below a bound whatever the number of frames.
+
+Estimator
+---------
+Work per pixel on the stack of the ``N`` frames.  Units: every value, mean and
+uncertainty is in the data unit of the (scaled) frames, e.g. ADU or e-; ``CNT``
+is a number of frames; ``nsigma`` is dimensionless.
+
+1. *Scaling.*  Frames are converted to float32 (the working precision: exact for
+   int8/int16/uint16 and float32 input, rounded for float64 or 32-bit integer
+   input) and multiplied in float32 arithmetic by ``float32(scales[i])``:
+   ``x_i = fl32(float32(frame_i) * float32(scales[i]))``.  Without ``scales`` the
+   values are used as they are.
+2. *Valid values.*  A value takes part if its mask is False (True = bad) and it
+   is finite (NaN and +-inf are treated as masked).  ``n`` is the number of valid
+   values of the pixel.
+3. *Centre and spread* of the ``n`` valid values (computed in float64 from the
+   float32 values, with the same formulas as :func:`numpy.median` and
+   :func:`numpy.percentile` with ``method='linear'``, so bit-identical to them):
+
+   - ``m`` = median (mean of the two middle values when ``n`` is even);
+   - ``P(q)`` = linear-interpolation percentile of the sorted values
+     ``v[0] <= ... <= v[n-1]``: ``h = (n - 1) * (q / 100)``, ``j = floor(h)``,
+     ``g = h - j``, ``P = v[j] + g (v[j+1] - v[j])`` (numpy's ``_lerp``, which
+     evaluates ``v[j+1] - (1 - g)(v[j+1] - v[j])`` when ``g >= 0.5``);
+   - robust sigma ``s = (P(84) - P(16)) / 2``.
+
+4. *Rejection* (one pass, no iteration): a valid value survives when
+   ``|x - m| <= nsigma * s`` (values exactly at the bound are kept; the test is
+   done exactly as float64 ``abs(x - m) <= nsigma * s`` would do it).  If ``s == 0``
+   this keeps exactly the values equal to ``m``.  No rejection at all is done
+   when ``n <= 2`` (the median/percentile spread of two values cannot flag an
+   outlier).
+5. *Value* = mean of the ``CNT`` survivors; with ``weights`` the weighted mean
+   ``mu = sum(w_i x_i) / sum(w_i)`` over survivors.
+6. *Uncertainty* (``unc_from='scatter'``, the default): sample variance of the
+   survivors, ``var = sum((x_i - mu)^2) / (CNT - 1)`` (ddof = 1), corrected for
+   the truncation of a Gaussian at +-k (k = ``nsigma``) when clipping was
+   applied (``n >= 3``)::
+
+       f(k)     = 1 - 2 k phi(k) / (2 Phi(k) - 1)      (variance-reduction factor)
+       var_corr = var / f(k)
+       UNC      = sqrt(var_corr / CNT)
+
+   with phi, Phi the standard normal pdf and cdf (f(2.1) = 0.80843,
+   see :func:`clip_variance_factor`).  For ``n <= 2`` (no clipping) ``f`` is
+   taken as 1.  This is the standard error of the mean, in data units.
+
+   With ``weights`` (frame weights ``w_i > 0``, treated as *reliability*
+   weights: the frames are assumed to share one scatter ``sigma`` estimated from
+   the data), with ``V1 = sum(w_i)``, ``V2 = sum(w_i^2)`` over survivors::
+
+       var   = sum(w_i (x_i - mu)^2) / (V1 - V2 / V1)     (unbiased weighted variance)
+       UNC   = sqrt(var / f(k) * V2 / V1^2)               (V1^2 / V2 = effective N)
+
+   which reduce exactly to the unweighted formulas when all weights are equal
+   (equal weights are in fact detected and routed to the unweighted code, so
+   the results are bit-identical).
+
+7. *Propagated uncertainty* (needs per-frame 1-sigma uncertainties ``uncs``, in
+   the unit of the unscaled frame): ``UNC = sqrt(sum(w_i^2 (scale_i sigma_i)^2))
+   / sum(w_i)`` over the survivors (``sqrt(sum sigma_i^2) / CNT`` unweighted), with
+   no clip correction.  It is used for every pixel with ``unc_from='input'`` and,
+   with ``unc_from='scatter'``, for pixels with a single survivor when ``uncs``
+   are given.
+
+Edge cases
+----------
+- ``n == 0`` (every frame masked or non-finite): value NaN, UNC NaN, CNT 0.
+- ``n == 1``: value = that value, CNT 1; UNC = NaN, or the propagated input
+  uncertainty ``|scale_i| sigma_i`` if ``uncs`` are given.
+- ``n == 2``: no clipping, plain (weighted) mean of the two; UNC from the scatter
+  of the two values (ddof = 1, weighted formula above, ``f = 1``) with
+  ``unc_from='scatter'``, or propagated from ``uncs`` with ``unc_from='input'``.
+  Rationale: with two values the scatter estimate has one degree of freedom and
+  is very noisy, but it is data-driven and needs no input uncertainties; callers
+  that do have trustworthy per-frame uncertainties ask for ``'input'``.
+- ``s == 0`` (e.g. all values equal): only values equal to ``m`` are kept.
+- A pixel with a single survivor after clipping (possible only for
+  ``nsigma < 1``) gets UNC from ``uncs`` if given, else NaN; with no survivor
+  at all (likewise only for ``nsigma < 1``) it is treated like ``n == 0``.
+
+Precision
+---------
+Order statistics are float32 values (exact); the median, percentiles, ``s`` and
+the rejection bound are computed in float64 exactly as numpy does, and the bound
+is converted to the float32 thresholds that select the same values, so the set
+of survivors is identical to a float64 numpy implementation.  Sums are
+accumulated relative to ``float32(m)`` in float32 blocks of 16 frames which are
+added in float64, giving a relative error of about 1e-6 on the value and UNC.
+Outputs are float32 (value, UNC) and int16 (int32 for more than 32767 frames)
+for CNT.  Values of magnitude above ~1e19 overflow the float32 squares.
+
+Memory
+------
+:func:`clipped_mean` works on chunks of at most ``chunk_pixels`` pixels, with a
+workspace of about ``(2 N + 1) * 4 + N + 300`` bytes per chunk pixel
+(:func:`workspace_bytes`), independent of the stack size.  :func:`combine`
+counts the outputs (10 bytes per pixel for <= 32767 frames), this workspace, the
+strip buffers (``N * nx * (4 + 1 if masks + 4 if uncertainties)`` bytes per row)
+and the sources' declared read transients against ``mem_limit``; the Python
+interpreter and imported modules (~60-70 MiB) come on top.
+
+Speed
+-----
+The order statistics come from a Batcher odd-even merge sorting network,
+pruned to the ranks needed, applied with vectorised ``numpy.minimum``/``maximum``
+over chunks of pixels (rows of a (N, chunk) buffer stay contiguous); stacks
+larger than :data:`NETWORK_MAX_N` frames use ``numpy.sort`` on the transposed
+chunk instead.  No Python loop runs per pixel; loops run per frame and per
+comparator, on vectors of ``chunk_pixels`` pixels.
+
+References
+----------
+KPF data reduction pipeline, master bias/dark/flat/arc stacking
+(``KPF-Pipeline/modules/Utils/frame_stacker.py``): median, half the 16-84
+percentile spread, clip at nsigma, mean of survivors, truncated-Gaussian
+variance correction.  Default nsigma per calibration type: :data:`KPF_NSIGMA`.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+__all__ = [
+    "KPF_NSIGMA",
+    "DEFAULT_MEM_LIMIT",
+    "DEFAULT_CHUNK_PIXELS",
+    "NETWORK_MAX_N",
+    "StripSource",
+    "CombineResult",
+    "StripPlan",
+    "clip_variance_factor",
+    "clipped_mean",
+    "combine",
+    "plan_strips",
+    "workspace_bytes",
+]
+
+#: nsigma used by the KPF pipeline for each master type (dimensionless).
+KPF_NSIGMA = {"bias": 2.1, "dark": 2.2, "flat": 2.3, "arc": 2.4}
+
+#: Default bound (bytes) on everything :func:`combine` allocates, outputs included.
+DEFAULT_MEM_LIMIT = 256 * 2**20
+
+#: Default number of pixels processed together by the vectorised kernel.
+DEFAULT_CHUNK_PIXELS = 32768
+
+#: Largest stack sorted with a sorting network; larger stacks use numpy.sort.
+NETWORK_MAX_N = 96
+
+#: Strip buffers are not made larger than this (bytes) even if mem_limit allows:
+#: larger strips do not make the combine faster.
+MAX_STRIP_BYTES = 64 * 2**20
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_ACC_BLOCK = 16  # frames accumulated in float32 before flushing to float64
+_Q16 = 16 / 100  # numpy.percentile divides q by 100 in float64
+_Q84 = 84 / 100
+
+
+# --------------------------------------------------------------------------- helpers
+def clip_variance_factor(nsigma: float) -> float:
+    """Variance of a unit Gaussian truncated at +-``nsigma`` (symmetric).
+
+    Parameters
+    ----------
+    nsigma : float
+        Truncation half-width k in units of sigma (dimensionless, > 0).
+
+    Returns
+    -------
+    float
+        ``f(k) = 1 - 2 k phi(k) / (2 Phi(k) - 1)`` (dimensionless, in (0, 1)),
+        the factor by which clipping at +-k sigma shrinks the variance.  E.g.
+        f(2.1) = 0.808431.
+    """
+    k = float(nsigma)
+    if not (math.isfinite(k) and k > 0):
+        raise ValueError(f"nsigma must be a finite number > 0, got {nsigma!r}")
+    phi = math.exp(-0.5 * k * k) / math.sqrt(2.0 * math.pi)
+    two_cdf_m1 = math.erf(k / math.sqrt(2.0))  # 2 Phi(k) - 1
+    return 1.0 - 2.0 * k * phi / two_cdf_m1
+
+
+def _check_nsigma(nsigma) -> float:
+    try:
+        k = float(nsigma)
+    except (TypeError, ValueError):
+        raise ValueError(f"nsigma must be a finite number > 0, got {nsigma!r}") from None
+    if not (math.isfinite(k) and k > 0):
+        raise ValueError(f"nsigma must be a finite number > 0, got {nsigma!r}")
+    return k
+
+
+@lru_cache(maxsize=None)
+def _batcher_pairs(n: int) -> tuple[tuple[int, int], ...]:
+    """Comparators (i, j), i < j, of Batcher's odd-even merge sort for ``n`` wires."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+@lru_cache(maxsize=256)
+def _network(n: int, ranks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Batcher network for ``n`` wires pruned to the comparators that influence ``ranks``."""
+    need = set(ranks)
+    kept = []
+    for i, j in reversed(_batcher_pairs(n)):
+        if i in need or j in need:
+            kept.append((i, j))
+            need.add(i)
+            need.add(j)
+    return tuple(reversed(kept))
+
+
+def _pct_index(n: int, q: float) -> tuple[int, int, float]:
+    """numpy 'linear' percentile of n sorted values: (lower rank, upper rank, gamma)."""
+    vi = (n - 1) * q
+    j = math.floor(vi)
+    if vi >= n - 1:
+        return n - 1, n - 1, vi - j
+    return j, j + 1, vi - j
+
+
+def _ranks_for(n: int) -> set[int]:
+    r = {(n - 1) // 2, n // 2}
+    for q in (_Q16, _Q84):
+        lo, hi, _ = _pct_index(n, q)
+        r.update((lo, hi))
+    return r
+
+
+@lru_cache(maxsize=256)
+def _ranks_for_range(nmin: int, nmax: int) -> tuple[int, ...]:
+    r: set[int] = set()
+    for n in range(max(nmin, 1), nmax + 1):
+        r |= _ranks_for(n)
+    return tuple(sorted(r))
+
+
+def workspace_bytes(nframes: int, chunk_pixels: int, *, weighted: bool = False,
+                    with_unc: bool = False) -> int:
+    """Upper bound of the memory (bytes) :func:`clipped_mean` uses per chunk.
+
+    Parameters
+    ----------
+    nframes : int
+        Number of frames N.
+    chunk_pixels : int
+        Pixels per chunk.
+    weighted, with_unc : bool
+        Whether weights / input uncertainties are used.
+
+    Returns
+    -------
+    int
+        Bytes: scaled copy (4 N), sort buffer (4 (N + 1)), validity (N) and
+        about 40 per-pixel float64/float32 vectors, plus 25 % for numpy's own
+        short-lived temporaries.
+    """
+    n = int(nframes)
+    b = int(chunk_pixels)
+    per_pix = 4 * n + 4 * (n + 1) + n + 8 * 30 + 4 * 12 + 8
+    if weighted:
+        per_pix += 8 * 4 + 4 * 4
+    if with_unc:
+        per_pix += 4 * n + 8 * 2 + 4 * 2
+    if n > NETWORK_MAX_N:
+        per_pix += 4 * n + 8 * n  # transposed copy + argsort-free sort temporaries
+    return int(1.25 * per_pix * b) + 65536
+
+
+# --------------------------------------------------------------------------- kernel
+class _Kernel:
+    """Vectorised clipped mean over (N, b) chunks; holds the reusable workspace."""
+
+    def __init__(self, nframes: int, nsigma: float, chunk: int, scales, weights,
+                 with_unc: bool, unc_from: str, cnt_dtype):
+        n = nframes
+        self.n = n
+        self.k = nsigma
+        self.fac = clip_variance_factor(nsigma)
+        self.chunk = chunk
+        self.scales = scales  # float32 array or None
+        self.weights = weights  # float64 array or None
+        self.with_unc = with_unc
+        self.unc_from = unc_from
+        self.cnt_dtype = cnt_dtype
+        b = chunk
+        f32, f64 = np.float32, np.float64
+        self.xs = np.empty((n, b), f32)
+        self.buf = np.empty((n + 1, b), f32)
+        self.valid = np.empty((n, b), bool)
+        self.v = {name: np.empty(b, f64) for name in (
+            "m", "p16", "p84", "s", "bound", "t", "t2", "lo64", "hi64", "S1", "S2",
+            "Sw", "Sw2", "Su", "mean", "var", "cntf", "g")}
+        self.f = {name: np.empty(b, f32) for name in (
+            "lo", "hi", "c", "d", "e", "wk", "a1", "a2", "aw", "aw2", "au", "pv")}
+        self.bools = {name: np.empty(b, bool) for name in ("k", "k2", "ok", "ok2")}
+        self.cnt = np.empty(b, np.int32 if n > 32767 else np.int16)
+        self.ivec = np.empty(b, np.intp)
+        self.nvalid = np.empty(b, np.intp)
+        self.arange = np.arange(b, dtype=np.intp)
+
+    # ---- order statistics ------------------------------------------------------------
+    def _sort(self, b: int, ranks: tuple[int, ...]):
+        """Sort columns of buf[:n, :b]; return list mapping rank -> row view."""
+        n = self.n
+        if n > NETWORK_MAX_N:
+            srt = np.ascontiguousarray(self.buf[:n, :b].T)  # (b, n): contiguous lanes
+            srt.sort(axis=1)
+            self.buf[:n, :b] = srt.T
+            del srt
+            return [self.buf[i, :b] for i in range(n)], list(range(n))
+        rows = [self.buf[i, :b] for i in range(n)]
+        rid = list(range(n))
+        spare = self.buf[n, :b]
+        sid = n
+        mn, mx = np.minimum, np.maximum
+        for i, j in _network(n, ranks):
+            a = rows[i]
+            bb = rows[j]
+            mn(a, bb, out=spare)
+            mx(a, bb, out=bb)
+            rows[i], spare = spare, a
+            rid[i], sid = sid, rid[i]
+        return rows, rid
+
+    def _lerp_fixed(self, a, b_, g: float, out):
+        """numpy._lerp in float64 for a scalar gamma."""
+        t = self.v["t"][: out.shape[0]]
+        np.subtract(b_, a, out=t, dtype=np.float64)
+        if g >= 0.5:
+            np.multiply(t, 1 - g, out=t)
+            np.subtract(b_, t, out=out, dtype=np.float64)
+        else:
+            np.multiply(t, g, out=t)
+            np.add(a, t, out=out, dtype=np.float64)
+
+    def _lerp_var(self, a, b_, g, out):
+        """numpy._lerp in float64 for a per-pixel gamma (float64 array)."""
+        nb = out.shape[0]
+        t = self.v["t"][:nb]
+        t2 = self.v["t2"][:nb]
+        np.subtract(b_, a, out=t, dtype=np.float64)   # diff_b_a
+        np.multiply(t, g, out=t2)
+        np.add(a, t2, out=out, dtype=np.float64)
+        ge = self.bools["ok2"][:nb]
+        np.greater_equal(g, 0.5, out=ge)
+        if ge.any():
+            np.subtract(1.0, g, out=t2)
+            np.multiply(t, t2, out=t2)
+            np.subtract(b_, t2, out=t, dtype=np.float64)
+            np.copyto(out, t, where=ge)
+
+    def _thresholds(self, nb: int):
+        """float32 lo/hi selecting exactly the x with float64 |x - m| <= bound."""
+        v, f, bl = self.v, self.f, self.bools
+        m, bound = v["m"][:nb], v["bound"][:nb]
+        lo, hi, pv = f["lo"][:nb], f["hi"][:nb], f["pv"][:nb]
+        t = v["t"][:nb]
+        ok, ok2 = bl["ok"][:nb], bl["ok2"][:nb]
+        # lower threshold: smallest float32 x with fl64(m - x) <= bound
+        lo64 = v["lo64"][:nb]
+        np.subtract(m, bound, out=lo64)
+        np.copyto(lo, lo64, casting="same_kind")       # nearest float32 ...
+        np.less(lo, lo64, out=ok)
+        np.nextafter(lo, np.float32(np.inf), out=lo, where=ok)  # ... rounded up
+        np.subtract(m, lo, out=t)
+        np.less_equal(t, bound, out=ok)                 # lo itself kept
+        np.nextafter(lo, np.float32(-np.inf), out=pv)
+        np.subtract(m, pv, out=t)
+        np.less_equal(t, bound, out=ok2)                # predecessor kept too
+        np.logical_not(ok, out=ok)
+        np.logical_or(ok, ok2, out=ok)
+        if ok.any():
+            self._refine(lo, m, bound, np.flatnonzero(ok), low=True)
+        # upper threshold: largest float32 x with fl64(x - m) <= bound
+        hi64 = v["hi64"][:nb]
+        np.add(m, bound, out=hi64)
+        np.copyto(hi, hi64, casting="same_kind")       # nearest float32 ...
+        np.greater(hi, hi64, out=ok)
+        np.nextafter(hi, np.float32(-np.inf), out=hi, where=ok)  # ... rounded down
+        np.subtract(hi, m, out=t)
+        np.less_equal(t, bound, out=ok)
+        np.nextafter(hi, np.float32(np.inf), out=pv)
+        np.subtract(pv, m, out=t)
+        np.less_equal(t, bound, out=ok2)
+        np.logical_not(ok, out=ok)
+        np.logical_or(ok, ok2, out=ok)
+        if ok.any():
+            self._refine(hi, m, bound, np.flatnonzero(ok), low=False)
+
+    @staticmethod
+    def _refine(thr, m, bound, idx, low: bool):
+        """Step float32 thresholds (few pixels) until they are exactly the boundary."""
+        up, down = np.float32(np.inf), np.float32(-np.inf)
+        for _ in range(256):
+            if idx.size == 0:
+                return
+            t = thr[idx]
+            mm = m[idx]
+            bd = bound[idx]
+            if low:
+                keep = (mm - t.astype(np.float64)) <= bd
+                prev = np.nextafter(t, down)
+                keep_prev = (mm - prev.astype(np.float64)) <= bd
+                new = np.where(~keep, np.nextafter(t, up), np.where(keep_prev, prev, t))
+            else:
+                keep = (t.astype(np.float64) - mm) <= bd
+                nxt = np.nextafter(t, up)
+                keep_next = (nxt.astype(np.float64) - mm) <= bd
+                new = np.where(~keep, np.nextafter(t, down), np.where(keep_next, nxt, t))
+            changed = new != t
+            thr[idx] = new
+            idx = idx[changed]
+        raise RuntimeError("clipping threshold did not converge")  # pragma: no cover
+
+    # ---- one chunk -------------------------------------------------------------------
+    def run_chunk(self, X, M, U, out_mean, out_unc, out_cnt):
+        """Combine one chunk. X: (N, b) any real dtype; M: (N, b) bool or None;
+        U: (N, b) 1-sigma or None.  Writes into the three (b,) outputs."""
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            self._run_chunk(X, M, U, out_mean, out_unc, out_cnt)
+
+    def _run_chunk(self, X, M, U, out_mean, out_unc, out_cnt):
+        n = self.n
+        nb = X.shape[1]
+        v, f, bl = self.v, self.f, self.bools
+        scales = self.scales
+        # -- working values x_i (float32, scaled)
+        if scales is None and X.dtype == np.float32:
+            xs = X
+        else:
+            xs = self.xs[:, :nb]
+            np.copyto(xs, X, casting="unsafe")
+            if scales is not None:
+                for i in range(n):
+                    np.multiply(xs[i], scales[i], out=xs[i])
+        masked = M is not None and bool(M.any())
+        finite = bool(np.isfinite(np.add.reduce(xs, axis=None, dtype=np.float32)))
+        fast = finite and not masked
+        buf = self.buf
+        valid = None
+        if fast:
+            np.copyto(buf[:n, :nb], xs)
+            nmin = n
+        else:
+            valid = self.valid[:, :nb]
+            np.isfinite(xs, out=valid)
+            if masked:
+                valid &= ~M
+            nv = self.nvalid[:nb]
+            np.add.reduce(valid, axis=0, dtype=np.intp, out=nv)
+            # masked / non-finite values -> +inf so that they sort to the end; the
+            # working copy gets 0 there so that the sums stay finite.
+            if xs is X:
+                xs = self.xs[:, :nb]
+                np.copyto(xs, X)
+            np.copyto(buf[:n, :nb], xs)
+            inval = ~valid
+            np.copyto(buf[:n, :nb], np.float32(np.inf), where=inval)
+            np.copyto(xs, np.float32(0.0), where=inval)
+            del inval
+            nmin = int(nv.min())
+        ranks = _ranks_for_range(max(nmin, 1), n) if not fast else tuple(sorted(_ranks_for(n)))
+        rows, rid = self._sort(nb, ranks)
+
+        m, p16, p84, s, bound = (v[k][:nb] for k in ("m", "p16", "p84", "s", "bound"))
+        lo, hi, c = f["lo"][:nb], f["hi"][:nb], f["c"][:nb]
+        if fast:
+            clip = n >= 3
+            np.add(rows[(n - 1) // 2], rows[n // 2], out=m, dtype=np.float64)
+            np.multiply(m, 0.5, out=m)
+            if clip:
+                j0, j1, g = _pct_index(n, _Q16)
+                self._lerp_fixed(rows[j0], rows[j1], g, p16)
+                j0, j1, g = _pct_index(n, _Q84)
+                self._lerp_fixed(rows[j0], rows[j1], g, p84)
+                np.subtract(p84, p16, out=s)
+                np.divide(s, 2, out=s)
+                np.multiply(s, self.k, out=bound)
+                self._thresholds(nb)
+            else:
+                lo.fill(-_F32_MAX)
+                hi.fill(_F32_MAX)
+            facv = self.fac if clip else 1.0
+        else:
+            nv = self.nvalid[:nb]
+            flat = self.buf.reshape(-1)  # ranks map to any of the N + 1 buffer rows
+            stride = self.buf.shape[1]
+            rid_arr = np.asarray(rid, dtype=np.intp)
+            idx = self.ivec[:nb]
+            base = self.arange[:nb]
+
+            def gather(rank_vec, out32):
+                # rank_vec: (nb,) intp ranks; value of that rank in every pixel
+                np.take(rid_arr, rank_vec, out=idx)
+                np.multiply(idx, stride, out=idx)
+                np.add(idx, base, out=idx)
+                np.take(flat, idx, out=out32)
+                return out32
+
+            a1, a2 = f["a1"][:nb], f["a2"][:nb]
+            nvc = np.maximum(nv, 1)  # n == 0 pixels: read rank 0, result discarded
+            rk = (nvc - 1) // 2
+            gather(rk, a1)
+            rk = nvc // 2
+            gather(rk, a2)
+            np.add(a1, a2, out=m, dtype=np.float64)
+            np.multiply(m, 0.5, out=m)
+            gv = v["g"][:nb]
+            for q, out in ((_Q16, p16), (_Q84, p84)):
+                vi = (nvc - 1) * q                       # float64, as numpy
+                j = np.floor(vi)
+                np.subtract(vi, j, out=gv)
+                j0 = j.astype(np.intp)
+                top = vi >= (nvc - 1)
+                j0[top] = nvc[top] - 1
+                j1 = np.minimum(j0 + 1, nvc - 1)
+                gather(j0, a1)
+                gather(j1, a2)
+                self._lerp_var(a1, a2, gv, out)
+            np.subtract(p84, p16, out=s)
+            np.divide(s, 2, out=s)
+            np.multiply(s, self.k, out=bound)
+            none = nv == 0
+            if none.any():
+                m[none] = 0.0
+                bound[none] = 0.0
+            self._thresholds(nb)
+            noclip = nv <= 2
+            if noclip.any():
+                lo[noclip] = -_F32_MAX
+                hi[noclip] = _F32_MAX
+            facv = np.where(noclip, 1.0, self.fac)
+        np.copyto(c, m, casting="same_kind")
+        del rows
+
+        # -- accumulate survivors (frames in their original order)
+        k, k2 = bl["k"][:nb], bl["k2"][:nb]
+        d, e = f["d"][:nb], f["e"][:nb]
+        a1, a2 = f["a1"][:nb], f["a2"][:nb]          # float32 block sums
+        S1, S2 = v["S1"][:nb], v["S2"][:nb]
+        S1.fill(0.0)
+        S2.fill(0.0)
+        a1.fill(0.0)
+        a2.fill(0.0)
+        cnt = self.cnt[:nb]
+        cnt.fill(0)
+        w = self.weights
+        if w is not None:
+            wk, aw, aw2 = f["wk"][:nb], f["aw"][:nb], f["aw2"][:nb]
+            Sw, Sw2 = v["Sw"][:nb], v["Sw2"][:nb]
+            Sw.fill(0.0)
+            Sw2.fill(0.0)
+            aw.fill(0.0)
+            aw2.fill(0.0)
+            w32 = w.astype(np.float32)
+            w2_32 = (w * w).astype(np.float32)
+        use_u = U is not None
+        if use_u:
+            au = f["au"][:nb]
+            Su = v["Su"][:nb]
+            Su.fill(0.0)
+            au.fill(0.0)
+            sc2 = np.ones(n) if scales is None else scales.astype(np.float64) ** 2
+            uw = sc2 * (1.0 if w is None else w * w)
+            uw32 = uw.astype(np.float32)
+        for i in range(n):
+            xi = xs[i]
+            np.greater_equal(xi, lo, out=k)
+            np.less_equal(xi, hi, out=k2)
+            np.logical_and(k, k2, out=k)
+            if valid is not None:
+                np.logical_and(k, valid[i], out=k)
+            np.add(cnt, k, out=cnt)
+            if w is None:
+                np.subtract(xi, c, out=d)
+                np.multiply(d, k, out=d)
+                np.add(a1, d, out=a1)
+                np.multiply(d, d, out=d)
+                np.add(a2, d, out=a2)
+            else:
+                np.multiply(k, w32[i], out=wk)
+                np.subtract(xi, c, out=e)
+                np.multiply(e, wk, out=d)
+                np.add(a1, d, out=a1)
+                np.multiply(d, e, out=d)
+                np.add(a2, d, out=a2)
+                np.add(aw, wk, out=aw)
+                np.multiply(k, w2_32[i], out=wk)
+                np.add(aw2, wk, out=aw2)
+            if use_u:
+                ui = U[i]
+                np.multiply(ui, ui, out=e, casting="unsafe")
+                np.multiply(e, k, out=e)
+                if uw32[i] != 1:
+                    np.multiply(e, uw32[i], out=e)
+                np.add(au, e, out=au)
+            if (i + 1) % _ACC_BLOCK == 0 or i == n - 1:
+                np.add(S1, a1, out=S1)
+                np.add(S2, a2, out=S2)
+                a1.fill(0.0)
+                a2.fill(0.0)
+                if w is not None:
+                    np.add(Sw, aw, out=Sw)
+                    np.add(Sw2, aw2, out=Sw2)
+                    aw.fill(0.0)
+                    aw2.fill(0.0)
+                if use_u:
+                    np.add(Su, au, out=Su)
+                    au.fill(0.0)
+
+        # -- final per-pixel values (float64)
+        mean, var, cntf = v["mean"][:nb], v["var"][:nb], v["cntf"][:nb]
+        np.copyto(cntf, cnt, casting="unsafe")
+        V1 = cntf if w is None else Sw
+        if True:
+            np.divide(S1, V1, out=mean)
+            np.add(mean, c, out=mean)
+            # sum of squares about the mean: S2 - S1^2 / V1
+            t = v["t"][:nb]
+            np.multiply(S1, S1, out=t)
+            np.divide(t, V1, out=t)
+            np.subtract(S2, t, out=var)
+            np.maximum(var, 0.0, out=var)
+            if w is None:
+                np.subtract(cntf, 1.0, out=t)          # ddof = 1
+                np.divide(var, t, out=var)
+                np.divide(var, facv, out=var)
+                np.divide(var, cntf, out=var)          # variance of the mean
+            else:
+                np.divide(Sw2, Sw, out=t)
+                np.subtract(Sw, t, out=t)              # V1 - V2 / V1
+                np.divide(var, t, out=var)
+                np.divide(var, facv, out=var)
+                np.multiply(var, Sw2, out=var)
+                np.divide(var, Sw, out=var)
+                np.divide(var, Sw, out=var)            # * V2 / V1^2
+            one = cnt <= 1
+            if use_u:
+                t2 = v["t2"][:nb]
+                np.sqrt(Su, out=t2)
+                np.divide(t2, V1, out=t2)              # sqrt(sum w^2 s^2 sig^2) / sum w
+                if self.unc_from == "input":
+                    np.square(t2, out=var)
+                else:
+                    np.copyto(var, np.square(t2), where=one)
+            else:
+                var[one] = np.nan
+            np.sqrt(var, out=var)
+            zero = cnt == 0
+            if zero.any():
+                mean[zero] = np.nan
+                var[zero] = np.nan
+        np.copyto(out_mean, mean, casting="same_kind")
+        np.copyto(out_unc, var, casting="same_kind")
+        np.copyto(out_cnt, cnt, casting="unsafe")
+
+
+def _as_vector(name: str, val, n: int, *, positive: bool) -> np.ndarray | None:
+    if val is None:
+        return None
+    arr = np.asarray(val, dtype=np.float64).reshape(-1)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have one value per frame ({n}), got shape {np.shape(val)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {arr.tolist()}")
+    if positive and not np.all(arr > 0):
+        raise ValueError(f"{name} must be > 0, got {arr.tolist()}")
+    if not positive and np.any(arr == 0):
+        raise ValueError(f"{name} must be non-zero, got {arr.tolist()}")
+    return arr
+
+
+def _check_unc_from(unc_from: str) -> str:
+    if unc_from not in ("scatter", "input"):
+        raise ValueError(f"unc_from must be 'scatter' or 'input', got {unc_from!r}")
+    return unc_from
+
+
+def _make_kernel(n, nsigma, chunk, scales, weights, with_unc, unc_from, cnt_dtype):
+    sc32 = None if scales is None else scales.astype(np.float32)
+    if sc32 is not None and np.all(sc32 == 1):
+        sc32 = None
+    w = weights
+    if w is not None and np.all(w == w[0]):
+        w = None  # equal weights: bit-identical to the unweighted estimator
+    return _Kernel(n, nsigma, chunk, sc32, w, with_unc, unc_from, cnt_dtype)
+
+
+def _run_2d(kern: _Kernel, X2, M2, U2, om, ou, oc):
+    """Run the kernel over (N, P) arrays in chunks; outputs are (P,) arrays."""
+    P = X2.shape[1]
+    b = kern.chunk
+    for p0 in range(0, P, b):
+        p1 = min(P, p0 + b)
+        kern.run_chunk(X2[:, p0:p1],
+                       None if M2 is None else M2[:, p0:p1],
+                       None if U2 is None else U2[:, p0:p1],
+                       om[p0:p1], ou[p0:p1], oc[p0:p1])
+
+
+def _flat_view(a: np.ndarray, name: str) -> np.ndarray:
+    """(N, ny, nx) -> (N, ny*nx) without copying when the frame planes are contiguous."""
+    n = a.shape[0]
+    try:
+        return np.reshape(a, (n, -1), copy=False)  # raises instead of copying
+    except ValueError:
+        return np.ascontiguousarray(a).reshape(n, -1)
+
+
+# --------------------------------------------------------------------------- public: pure
+def clipped_mean(cube, nsigma: float, masks=None, scales=None, weights=None, *,
+                 uncs=None, unc_from: str = "scatter",
+                 chunk_pixels: int = DEFAULT_CHUNK_PIXELS):
+    """Sigma-clipped mean of a stack (KPF recipe), with uncertainty and count.
+
+    Pure function: the inputs are never modified.  See the module docstring for
+    the exact estimator.
+
+    Parameters
+    ----------
+    cube : array_like, shape (N, ny, nx) or (N, npix)
+        The stack, in data units (ADU, e-, ...).  Any real dtype; float32 and
+        C-contiguous frame planes avoid a copy.
+    nsigma : float
+        Clipping half-width in units of the robust sigma (dimensionless, > 0).
+    masks : array_like of bool, shape like ``cube``, optional
+        True where a value is bad (excluded before median and percentiles).
+    scales : sequence of float, length N, optional
+        Multiplicative scale of each frame (dimensionless, finite, non-zero),
+        applied first.
+    weights : sequence of float, length N, optional
+        Frame weights (> 0, reliability weights) for the weighted mean.
+    uncs : array_like, shape like ``cube``, optional
+        Per-value 1-sigma uncertainties in the unit of the unscaled frames, used
+        for propagation (``unc_from='input'``, or single-survivor pixels).
+    unc_from : {'scatter', 'input'}
+        Where UNC comes from, see the module docstring.
+    chunk_pixels : int
+        Pixels processed together (speed/memory trade-off, see
+        :func:`workspace_bytes`).
+
+    Returns
+    -------
+    mean : ndarray of float32, shape (ny, nx)
+        Clipped (weighted) mean, data units; NaN where no value survives.
+    unc : ndarray of float32, shape (ny, nx)
+        Uncertainty of the mean (1 sigma), data units; NaN where undefined.
+    cnt : ndarray of int16 (int32 if N > 32767), shape (ny, nx)
+        Number of surviving values.
+
+    Raises
+    ------
+    ValueError
+        Bad ``nsigma``, shapes or per-frame vectors, or ``unc_from='input'``
+        without ``uncs``.
+    """
+    k = _check_nsigma(nsigma)
+    unc_from = _check_unc_from(unc_from)
+    cube = np.asanyarray(cube)
+    if isinstance(cube, np.ma.MaskedArray):
+        raise ValueError("cube must be a plain ndarray; pass the mask with masks=")
+    if cube.ndim not in (2, 3) or cube.shape[0] < 1 or cube.size == 0:
+        raise ValueError(f"cube must have shape (N, ny, nx) with N >= 1, got {cube.shape}")
+    if not (np.issubdtype(cube.dtype, np.floating) or np.issubdtype(cube.dtype, np.integer)
+            or cube.dtype == bool):
+        raise ValueError(f"cube must be a real numeric array, got dtype {cube.dtype}")
+    n = cube.shape[0]
+    img_shape = cube.shape[1:]
+    if masks is not None:
+        masks = np.asarray(masks)
+        if masks.shape != cube.shape:
+            raise ValueError(f"masks must have the shape of cube {cube.shape}, got {masks.shape}")
+        if masks.dtype != bool:
+            masks = masks != 0
+    if uncs is not None:
+        uncs = np.asarray(uncs)
+        if uncs.shape != cube.shape:
+            raise ValueError(f"uncs must have the shape of cube {cube.shape}, got {uncs.shape}")
+    elif unc_from == "input":
+        raise ValueError("unc_from='input' needs per-frame uncertainties (uncs=)")
+    sc = _as_vector("scales", scales, n, positive=False)
+    w = _as_vector("weights", weights, n, positive=True)
+    chunk = int(chunk_pixels)
+    if chunk < 1:
+        raise ValueError(f"chunk_pixels must be >= 1, got {chunk_pixels}")
+    npix = int(np.prod(img_shape))
+    chunk = min(chunk, npix)
+    cnt_dtype = np.int32 if n > 32767 else np.int16
+    kern = _make_kernel(n, k, chunk, sc, w, uncs is not None, unc_from, cnt_dtype)
+    X2 = _flat_view(cube, "cube")
+    M2 = None if masks is None else _flat_view(masks, "masks")
+    U2 = None if uncs is None else _flat_view(uncs, "uncs")
+    om = np.empty(npix, np.float32)
+    ou = np.empty(npix, np.float32)
+    oc = np.empty(npix, cnt_dtype)
+    _run_2d(kern, X2, M2, U2, om, ou, oc)
+    return om.reshape(img_shape), ou.reshape(img_shape), oc.reshape(img_shape)
+
+
+# --------------------------------------------------------------------------- sources
+@runtime_checkable
+class StripSource(Protocol):
+    """What :func:`combine` needs from a frame.
+
+    Required: ``shape`` (ny, nx) and ``read(y0, y1)`` returning the rows
+    ``y0:y1`` as an array (ny1, nx) in data units, or a tuple ``(data, mask)``
+    with a boolean mask (True = bad) or None.
+
+    Optional, used when present:
+
+    - ``read_into(y0, y1, out) -> mask or None``: write the rows into the float32
+      array ``out`` (no temporary strip);
+    - ``read_unc(y0, y1) -> ndarray``: 1-sigma uncertainty rows (data units);
+    - ``has_mask`` (bool): whether ``read`` may return masks (assumed True);
+    - ``transient_bytes(nrows) -> int``: extra memory (bytes) a read of ``nrows``
+      rows may allocate (assumed 9 bytes/pixel for sources without
+      ``read_into``: a float64 strip and a mask);
+    - ``name``: used in error messages.
+    """
+
+    shape: tuple[int, int]
+
+    def read(self, y0: int, y1: int) -> Any: ...
+
+
+@dataclass
+class StripPlan:
+    """How :func:`combine` splits the work (all sizes in bytes unless stated)."""
+
+    strip_rows: int       #: rows per strip
+    nstrips: int          #: number of strips
+    chunk_pixels: int     #: pixels per kernel chunk
+    output_bytes: int     #: data + unc + cnt arrays
+    strip_bytes: int      #: strip buffers (cube, masks, uncertainties)
+    workspace_bytes: int  #: kernel workspace
+    transient_bytes: int  #: largest source read transient
+    total_bytes: int      #: sum of the above, <= mem_limit
+
+
+@dataclass
+class CombineResult:
+    """Result of :func:`combine`.
+
+    Attributes
+    ----------
+    data : ndarray of float32, (ny, nx)
+        Clipped mean, data units (NaN where no value survives).
+    unc : ndarray of float32, (ny, nx)
+        1-sigma uncertainty of ``data``, data units.
+    cnt : ndarray of int16 or int32, (ny, nx)
+        Number of frames that survived at each pixel.
+    nframes : int
+        Number of input frames N.
+    nsigma : float
+        Clipping half-width used (dimensionless).
+    clip_factor : float
+        Variance-reduction factor f(nsigma) applied to clipped pixels.
+    unc_from : str
+        'scatter' or 'input'.
+    plan : StripPlan
+        Strip height, number of strips and memory budget actually used.
+    """
+
+    data: np.ndarray
+    unc: np.ndarray
+    cnt: np.ndarray
+    nframes: int
+    nsigma: float
+    clip_factor: float
+    unc_from: str
+    plan: StripPlan = field(repr=False)
+
+
+def _src_name(src, i: int) -> str:
+    nm = getattr(src, "name", None)
+    return f"source {i} ({nm})" if nm else f"source {i} ({type(src).__name__})"
+
+
+def plan_strips(shape, nframes: int, mem_limit: int = DEFAULT_MEM_LIMIT, *,
+                has_mask: bool = True, with_unc: bool = False, weighted: bool = False,
+                read_bytes_per_row: int = 0, transient_fixed: int = 0,
+                chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+                max_strip_bytes: int = MAX_STRIP_BYTES) -> StripPlan:
+    """Choose the strip height so that everything fits in ``mem_limit``.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Frame shape (ny, nx), pixels.
+    nframes : int
+        Number of frames N.
+    mem_limit : int
+        Bound in bytes on outputs + strip buffers + workspace + read transients.
+    has_mask, with_unc, weighted : bool
+        Whether mask / uncertainty strip buffers and weighted sums are needed.
+    read_bytes_per_row : int
+        Largest transient (bytes) a source allocates per row read.
+    transient_fixed : int
+        Largest row-independent transient (bytes) of a source (e.g. a
+        decompression buffer).
+    chunk_pixels : int
+        Preferred kernel chunk (reduced if the workspace would not fit).
+    max_strip_bytes : int
+        Strip buffers are not made larger than this.
+
+    Returns
+    -------
+    StripPlan
+
+    Raises
+    ------
+    ValueError
+        If even one-row strips do not fit in ``mem_limit``.
+    """
+    ny, nx = (int(v) for v in shape)
+    n = int(nframes)
+    cnt_size = 4 if n > 32767 else 2
+    out_bytes = ny * nx * (4 + 4 + cnt_size)
+    per_row = nx * (4 * n + (n if has_mask else 0) + (4 * n if with_unc else 0))
+    per_row_total = per_row + int(read_bytes_per_row)
+    free = int(mem_limit) - out_bytes - int(transient_fixed)
+    chunk = max(1, min(int(chunk_pixels), ny * nx))
+    ws = workspace_bytes(n, chunk, weighted=weighted, with_unc=with_unc)
+    while chunk > 1024 and ws > max(free // 4, 0):
+        chunk //= 2
+        ws = workspace_bytes(n, chunk, weighted=weighted, with_unc=with_unc)
+    rows = (free - ws) // per_row_total if per_row_total > 0 else ny
+    if rows < 1:
+        raise ValueError(
+            f"mem_limit={int(mem_limit)} bytes is too small for {n} frames of {ny}x{nx}: "
+            f"outputs need {out_bytes}, the workspace {ws}, read transients "
+            f"{int(transient_fixed)} + {per_row_total} per row of strip")
+    rows = min(rows, ny, max(1, int(max_strip_bytes) // max(per_row, 1)))
+    nstrips = -(-ny // rows)
+    strip_bytes = rows * per_row
+    total = out_bytes + strip_bytes + ws + int(transient_fixed) + rows * int(read_bytes_per_row)
+    return StripPlan(strip_rows=rows, nstrips=nstrips, chunk_pixels=chunk,
+                     output_bytes=out_bytes, strip_bytes=strip_bytes, workspace_bytes=ws,
+                     transient_bytes=int(transient_fixed) + rows * int(read_bytes_per_row),
+                     total_bytes=total)
+
+
+def combine(sources: Sequence[StripSource], nsigma: float, *,
+            mem_limit: int = DEFAULT_MEM_LIMIT, scales=None, weights=None,
+            unc_from: str = "scatter", chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+            max_strip_bytes: int = MAX_STRIP_BYTES) -> CombineResult:
+    """Sigma-clipped mean of frames read strip by strip within a memory bound.
+
+    The driver does no file I/O itself: each source reads its own rows.  The
+    estimator is the one of :func:`clipped_mean` (module docstring).
+
+    Parameters
+    ----------
+    sources : sequence of StripSource
+        The N frames (see :class:`StripSource`), all of the same shape.
+    nsigma : float
+        Clipping half-width in robust sigmas (dimensionless, > 0); KPF uses
+        :data:`KPF_NSIGMA`.
+    mem_limit : int, optional
+        Bound in bytes on everything allocated here: outputs (10 bytes per
+        pixel), strip buffers, kernel workspace and the sources' declared read
+        transients.  Interpreter and module memory are not included.
+    scales, weights : sequence of float, optional
+        Per-frame scale factors and weights (see :func:`clipped_mean`).
+    unc_from : {'scatter', 'input'}
+        'input' needs every source to have ``read_unc``; with 'scatter' the
+        input uncertainties are still used for single-survivor pixels when all
+        sources provide them.
+    chunk_pixels : int, optional
+        Preferred kernel chunk size, pixels.
+    max_strip_bytes : int, optional
+        Cap on the strip buffers, bytes.
+
+    Returns
+    -------
+    CombineResult
+
+    Raises
+    ------
+    ValueError
+        Empty ``sources``; a source whose shape differs from the first one (the
+        message names it); bad ``nsigma``, ``scales``, ``weights`` or
+        ``unc_from``; ``mem_limit`` too small.
+    """
+    k = _check_nsigma(nsigma)
+    unc_from = _check_unc_from(unc_from)
+    srcs = list(sources)
+    if not srcs:
+        raise ValueError("combine needs at least one source, got an empty list")
+    shp0 = tuple(int(v) for v in srcs[0].shape)
+    if len(shp0) != 2 or min(shp0) < 1:
+        raise ValueError(f"{_src_name(srcs[0], 0)} has shape {shp0}; expected (ny, nx)")
+    for i, s in enumerate(srcs[1:], start=1):
+        shp = tuple(int(v) for v in s.shape)
+        if shp != shp0:
+            raise ValueError(
+                f"{_src_name(s, i)} has shape {shp}, expected {shp0} like {_src_name(srcs[0], 0)}")
+    n = len(srcs)
+    sc = _as_vector("scales", scales, n, positive=False)
+    w = _as_vector("weights", weights, n, positive=True)
+    have_unc = all(hasattr(s, "read_unc") for s in srcs)
+    if unc_from == "input" and not have_unc:
+        bad = [i for i, s in enumerate(srcs) if not hasattr(s, "read_unc")]
+        raise ValueError(f"unc_from='input' needs read_unc() on every source; "
+                         f"{_src_name(srcs[bad[0]], bad[0])} has none")
+    has_mask = any(bool(getattr(s, "has_mask", True)) for s in srcs)
+    ny, nx = shp0
+
+    def tb(s, rows):
+        f = getattr(s, "transient_bytes", None)
+        if f is not None:
+            return int(f(rows))
+        return rows * nx * (9 if not hasattr(s, "read_into") else 0)
+
+    fixed = max(tb(s, 0) for s in srcs)
+    per_row = max(tb(s, 1) - tb(s, 0) for s in srcs)
+    if have_unc:
+        per_row += 8 * nx  # read_unc strips are returned arrays (float64 at worst)
+    plan = plan_strips(shp0, n, mem_limit, has_mask=has_mask, with_unc=have_unc,
+                       weighted=w is not None, read_bytes_per_row=per_row,
+                       transient_fixed=fixed, chunk_pixels=chunk_pixels,
+                       max_strip_bytes=max_strip_bytes)
+    cnt_dtype = np.int32 if n > 32767 else np.int16
+    data = np.empty((ny, nx), np.float32)
+    unc = np.empty((ny, nx), np.float32)
+    cnt = np.empty((ny, nx), cnt_dtype)
+    h = plan.strip_rows
+    cube = np.empty((n, h, nx), np.float32)
+    mbuf = np.zeros((n, h, nx), bool) if has_mask else None
+    ubuf = np.empty((n, h, nx), np.float32) if have_unc else None
+    kern = _make_kernel(n, k, plan.chunk_pixels, sc, w, have_unc, unc_from, cnt_dtype)
+    for y0 in range(0, ny, h):
+        y1 = min(ny, y0 + h)
+        hh = y1 - y0
+        any_mask = False
+        for i, s in enumerate(srcs):
+            dst = cube[i, :hh]
+            if hasattr(s, "read_into"):
+                mk = s.read_into(y0, y1, dst)
+            else:
+                got = s.read(y0, y1)
+                mk = None
+                if isinstance(got, tuple):
+                    got, mk = got
+                got = np.asarray(got)
+                if got.shape != (hh, nx):
+                    raise ValueError(f"{_src_name(s, i)}.read({y0}, {y1}) returned shape "
+                                     f"{got.shape}, expected {(hh, nx)}")
+                np.copyto(dst, got, casting="unsafe")
+                del got
+            if mbuf is not None:
+                if mk is None:
+                    mbuf[i, :hh] = False
+                else:
+                    mk = np.asarray(mk)
+                    if mk.shape != (hh, nx):
+                        raise ValueError(f"{_src_name(s, i)} returned a mask of shape "
+                                         f"{mk.shape}, expected {(hh, nx)}")
+                    np.not_equal(mk, 0, out=mbuf[i, :hh])
+                    any_mask = True
+            elif mk is not None:
+                raise ValueError(f"{_src_name(s, i)} returned a mask but declares has_mask=False")
+            if ubuf is not None:
+                u = np.asarray(s.read_unc(y0, y1))
+                if u.shape != (hh, nx):
+                    raise ValueError(f"{_src_name(s, i)}.read_unc({y0}, {y1}) returned shape "
+                                     f"{u.shape}, expected {(hh, nx)}")
+                np.copyto(ubuf[i, :hh], u, casting="unsafe")
+                del u
+        X2 = _flat_view(cube[:, :hh], "cube")
+        M2 = _flat_view(mbuf[:, :hh], "masks") if any_mask else None
+        U2 = _flat_view(ubuf[:, :hh], "uncs") if ubuf is not None else None
+        _run_2d(kern, X2, M2, U2, data[y0:y1].reshape(-1), unc[y0:y1].reshape(-1),
+                cnt[y0:y1].reshape(-1))
+    return CombineResult(data=data, unc=unc, cnt=cnt, nframes=n, nsigma=k,
+                         clip_factor=clip_variance_factor(k), unc_from=unc_from, plan=plan)
