@@ -61,7 +61,7 @@ SITE_SCHEMA = Table({
 })
 
 NIGHT_SCHEMA = Table({
-    "night": Table({"utdate": str, "instrument": str, "raw": str, "site_config": str},
+    "night": Table({"utdate": str, "instrument": str, "raw": str, "site_config": str, "home": str},
                    required=("utdate",)),
     "drop": ListOf(str),
     "pin": MapOf(str),
@@ -150,11 +150,15 @@ class SiteSettings:
         return out
 
 
-def load_site(explicit: str | None = None) -> SiteSettings:
-    """Load the site settings (defaults when there is no file)."""
+def load_site(explicit: str | None = None, home: Path | None = None) -> SiteSettings:
+    """Load the site settings (defaults when there is no file).
+
+    With no settings file, relative default paths resolve against ``home`` (default: the
+    current directory).
+    """
     src = find_site_config(explicit)
     if src is None:
-        return SiteSettings(copy.deepcopy(DEFAULTS), None, Path.cwd())
+        return SiteSettings(copy.deepcopy(DEFAULTS), None, Path(home) if home else Path.cwd())
     data = read_toml(src, SITE_SCHEMA)
     return SiteSettings(_merge(DEFAULTS, data), src, src.parent)
 

@@ -90,10 +90,16 @@ def add_provenance(header, *, inputs=(), masters=(), digest: str = "", step: str
     if digest:
         header["CFGDIGST"] = (digest, "digest of the settings used")
     for i, (name, checksum) in enumerate(inputs, 1):
-        header[f"INPUT{i:03d}"] = (str(name)[-68:], "input file")
+        _set(header, f"INPUT{i:03d}", str(name), "input file")
         if checksum:
-            header[f"INSUM{i:03d}"] = (checksum[:64], "sha256 of the input")
+            _set(header, f"INSUM{i:03d}", checksum, "sha256")
     for role, name, origin in masters:
         key = f"M{role[:6].upper()}"
-        header[key] = (str(name)[-68:], f"master {role}")
-        header[f"{key[:6]}OR"] = (str(origin)[:68], f"origin of master {role}")
+        _set(header, key, str(name), f"master {role}")
+        _set(header, f"{key[:6]}OR", str(origin), "origin")
+
+
+def _set(header, key: str, value: str, comment: str) -> None:
+    """Set a string card, dropping the comment (never the value) when the card is too long."""
+    room = 68 - len(value)
+    header[key] = (value, comment) if room >= len(comment) + 3 else value[-68:]

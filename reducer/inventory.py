@@ -21,7 +21,7 @@ from .nights import night_of
 
 #: columns of nightlog.ecsv, in order
 COLUMNS = ("file", "type", "subtype", "object", "target", "filter", "exptime", "date_obs",
-           "mjd", "night", "airmass", "binning", "shape", "ndet", "ra", "dec", "rule", "reason")
+           "mjd", "night", "airmass", "binning", "readout", "shape", "ndet", "ra", "dec", "rule", "reason")
 
 RAW_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz",
                 ".fits.z", ".fts.z", ".fit.z", ".fits.bz2", ".fit.bz2")
@@ -85,6 +85,7 @@ class Frame:
     night: str = ""
     airmass: float = float("nan")
     binning: str = ""
+    readout: str = ""
     shape: str = ""
     ndet: int = 0
     ra: float = float("nan")
@@ -204,6 +205,8 @@ def _fill(fr: Frame, raw: RawHeaders, profile: Profile, get, filename: str) -> N
         if len(parts) == 2:
             xb, yb = parts
     fr.binning = f"{int(parse_number(xb, 'XBIN') or 1)}x{int(parse_number(yb, 'YBIN') or 1)}"
+    ro, _ = read_field(profile, get, "readout")
+    fr.readout = "" if ro is None else " ".join(str(ro).split())
     am, akey = read_field(profile, get, "airmass")
     if am is not None:
         try:
@@ -341,7 +344,7 @@ def nightlog_table(frames):
     rows = [f.row() for f in frames]
     t = Table(rows=[[r[c] for c in COLUMNS] for r in rows], names=COLUMNS) if rows else Table(
         names=COLUMNS, dtype=[str, str, str, str, str, str, float, str, float, str, float, str,
-                              str, int, float, float, str, str])
+                              str, str, int, float, float, str, str])
     for c in ("exptime", "mjd", "airmass", "ra", "dec"):
         t[c] = np.asarray(t[c], dtype=float)
     t["exptime"].unit = "s"
@@ -385,7 +388,7 @@ def read_nightlog(path: Path) -> list[Frame]:
             d[c] = v.item() if hasattr(v, "item") else v
         d["ndet"] = int(d["ndet"])
         for c in ("file", "type", "subtype", "object", "target", "filter", "date_obs", "night",
-                  "binning", "shape", "rule", "reason"):
+                  "binning", "readout", "shape", "rule", "reason"):
             d[c] = "" if d[c] is None else str(d[c])
         out.append(Frame(**d))
     return out

@@ -93,7 +93,8 @@ def make_night_dir(site: SiteSettings, utdate: str, *, raw: Path | None = None,
         "dodo.py": _render("dodo.py.j2", utdate=utdate, instrument=profile.name),
         NIGHT_TOML: _render("night.toml.j2", utdate=utdate, instrument=profile.name,
                             raw=str(raw_dir),
-                            site_config=str(site.source) if site.source else ""),
+                            site_config=str(site.source) if site.source else "",
+                            home=str(site.base)),
     }
     for name, text in files.items():
         p = ndir / name
@@ -127,7 +128,8 @@ class Night:
         cfg = meta.get("site_config") or None
         if cfg and not Path(cfg).is_file():
             raise SettingsError(f"{nt}: site_config {cfg} does not exist")
-        self.site = load_site(cfg) if cfg else load_site(None)
+        home = meta.get("home") or None
+        self.site = load_site(cfg) if cfg else load_site(None, home=home)
         self._instrument = meta.get("instrument") or self.site.data.get("instrument")
         if not self._instrument:
             raise NightError(f"{nt}: no instrument in [night] nor in the site settings")

@@ -707,7 +707,14 @@ class Registry:
             if db and db != ":memory:" and not db.startswith("file:"):
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
         engine_kw.setdefault("pool_pre_ping", True)
-        self.engine: Engine = sa.create_engine(self.url, **engine_kw)
+        try:
+            self.engine: Engine = sa.create_engine(self.url, **engine_kw)
+        except ModuleNotFoundError as exc:
+            hint = (" (pip install 'nightreducer[postgres]')"
+                    if self.url.get_backend_name() == "postgresql" else "")
+            raise RegistryError(
+                f"the database driver of {self.where} is not installed: {exc}{hint}"
+            ) from exc
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_on_connect)
         if create:
@@ -743,8 +750,10 @@ class Registry:
                 return
             except DBAPIError as exc:
                 last = exc
+                if not (isinstance(exc, IntegrityError) or "already exists" in str(exc.orig)):
+                    break  # not a lost race: connection refused, permission denied...
                 time.sleep(0.02 * (attempt + 1))
-        raise RegistryError(f"cannot create the masters table in {self.where}: {last}") from last
+        raise RegistryError(f"cannot open the registry {self.where}: {last}") from last
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sa.Connection]:

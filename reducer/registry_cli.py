@@ -254,6 +254,8 @@ def run(
     if not url_text:
         print("reducer calib: error: no registry: give --registry URL", file=sys.stderr)
         return 2
+    from sqlalchemy.exc import SQLAlchemyError
+
     from . import registry as reg
 
     command = args.calib_command
@@ -308,6 +310,14 @@ def run(
                 return 2
     except reg.RegistryError as exc:
         print(f"reducer calib {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:  # e.g. the database server is down
+        try:
+            where = reg.to_url(url_text).render_as_string(hide_password=True)
+        except SQLAlchemyError:
+            where = "(unparsable URL)"
+        detail = getattr(exc, "orig", None) or exc
+        print(f"reducer calib {command}: error: database {where}: {detail}", file=sys.stderr)
         return 1
     return 0
 

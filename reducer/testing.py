@@ -598,8 +598,14 @@ def _lf_mags(rng: np.random.Generator, n: int, m1: float = 10.0, m2: float = 21.
 
 # --------------------------------------------------------------------------- rendering
 def _render_stars(ny: int, nx: int, x, y, flux, fwhm_px: float, beta: float,
-                  sub: int = 3) -> np.ndarray:
-    """Moffat stars [e-] integrated over pixels; x, y zero-based; returns (ny, nx)."""
+                  sub: int = 5, core: int = 6, edge_e: float = 0.5) -> np.ndarray:
+    """Moffat stars [e-] on a (ny, nx) image; x, y zero-based pixel coordinates.
+
+    Each star is drawn on a square stamp whose half-size is where the profile falls
+    to ``edge_e`` [e-/px] (at most 40 px); pixels within ``core`` px of the stamp
+    centre are integrated over the pixel with ``sub`` x ``sub`` samples, the others
+    take the value at the pixel centre.
+    """
     img = np.zeros(ny * nx)
     x = np.asarray(x, float)
     y = np.asarray(y, float)
@@ -607,8 +613,9 @@ def _render_stars(ny: int, nx: int, x, y, flux, fwhm_px: float, beta: float,
     if x.size == 0:
         return img.reshape(ny, nx)
     alpha = fwhm_px / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    ia2 = 1.0 / alpha ** 2
     norm = (beta - 1.0) / (math.pi * alpha ** 2)
-    need = alpha * np.sqrt(np.maximum((flux * norm / 0.02) ** (1.0 / beta) - 1.0, 0.0))
+    need = alpha * np.sqrt(np.maximum((flux * norm / edge_e) ** (1.0 / beta) - 1.0, 0.0))
     ridx = np.minimum(np.searchsorted(_STAMP_RADII, need), len(_STAMP_RADII) - 1)
     s = (np.arange(sub) + 0.5) / sub - 0.5
     for k, rad in enumerate(_STAMP_RADII):
@@ -618,11 +625,17 @@ def _render_stars(ny: int, nx: int, x, y, flux, fwhm_px: float, beta: float,
         xs, ys, fs = x[sel], y[sel], flux[sel]
         ix, iy = np.rint(xs).astype(int), np.rint(ys).astype(int)
         g = np.arange(-rad, rad + 1)
-        dx = ((ix[:, None] + g[None, :]) - xs[:, None])[:, :, None] + s  # (n, K, sub)
-        dy = ((iy[:, None] + g[None, :]) - ys[:, None])[:, :, None] + s
-        r2 = dx[:, None, :, None, :] ** 2 + dy[:, :, None, :, None] ** 2  # (n,Ky,Kx,s,s)
-        val = (1.0 + r2 / alpha ** 2) ** (-beta)
-        val = val.mean(axis=(3, 4)) * (norm * fs)[:, None, None]
+        dx = (ix[:, None] + g[None, :]) - xs[:, None]  # (n, K)
+        dy = (iy[:, None] + g[None, :]) - ys[:, None]
+        r2 = dx[:, None, :] ** 2 + dy[:, :, None] ** 2  # (n, Ky, Kx)
+        val = np.exp(-beta * np.log1p(r2 * ia2))
+        c = min(core, rad)
+        sl = slice(rad - c, rad + c + 1)
+        cdx = dx[:, sl][:, :, None] + s  # (n, C, sub)
+        cdy = dy[:, sl][:, :, None] + s
+        cr2 = cdx[:, None, :, None, :] ** 2 + cdy[:, :, None, :, None] ** 2
+        val[:, sl, sl] = np.exp(-beta * np.log1p(cr2 * ia2)).mean(axis=(3, 4))
+        val *= (norm * fs)[:, None, None]
         cols = ix[:, None] + g
         rows = iy[:, None] + g
         ok = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
@@ -819,7 +832,7 @@ def make_night(
     stars_per_field: int = 500,
     flat_level: float = 25000.0,
     bad_bias: str | None = None,
-    bias_level_shift: float = 40.0,
+    bias_level_shift: float | None = None,
     bad_bias_index: int | None = None,
     bad_flat: str | None = None,
     truth_dir: str | os.PathLike | None = None,
@@ -873,8 +886,9 @@ def make_night(
         Plant one bad bias: a gradient of 40-120 ADU on the data of both detectors,
         the whole read-out (data and overscan) shifted by ``bias_level_shift`` ADU,
         or the data alone shifted by ``bias_level_shift`` ADU.
-    bias_level_shift : float
-        Shift [ADU] for ``'level_shift'`` / ``'data_jump'``.
+    bias_level_shift : float or None
+        Shift [ADU] for ``'level_shift'`` / ``'data_jump'`` (default 40); given alone
+        it implies ``bad_bias='level_shift'``.
     bad_bias_index : int or None
         Which bias (0-based) is bad; default the middle one.
     bad_flat : {None, 'saturated', 'low'}
@@ -902,6 +916,9 @@ def make_night(
     import astropy.units as u
 
     seed = int(seed)
+    if bias_level_shift is not None and bad_bias is None:
+        bad_bias = "level_shift"
+    bias_level_shift = 40.0 if bias_level_shift is None else float(bias_level_shift)
     if seed < 0:
         raise ValueError("seed must be >= 0")
     if flat_kind not in ("dome", "sky", "both"):

@@ -121,6 +121,7 @@ def cert(registry, mjd_mid, *, night=None, set_key=FLAT_R, imtype="flat", instru
 
 # -------------------------------------------------------------- keys and file names
 def test_set_key_string_is_sorted_stable_and_canonical():
+    """Equal key sets give one sorted string, whatever the order, case or number types."""
     a = set_key_string({"shape": (1024, 1024), "filter": "r", "binning": "1x1"})
     b = set_key_string({"binning": "1x1", "Filter": " r ", "shape": [1024, 1024]})
     assert a == b == "binning=1x1;filter=r;shape=1024x1024"
@@ -143,11 +144,13 @@ def test_set_key_string_is_sorted_stable_and_canonical():
     ],
 )
 def test_set_key_string_errors(keys, match):
+    """Ambiguous or empty keys are refused with a message naming the key."""
     with pytest.raises(InvalidValue, match=match):
         set_key_string(keys)
 
 
 def test_master_filename_is_stable_and_safe():
+    """Store names follow <instrument>_<UTDATE>_master_<type>[_<key>].fits."""
     assert master_filename("demo", "20240315", "flat", FLAT_R) == (
         "demo_20240315_master_flat_1x1_r_1024x1024.fits"
     )
@@ -162,12 +165,14 @@ def test_master_filename_is_stable_and_safe():
 
 
 def test_default_max_ages():
+    """The documented default maximum ages and the MJD of a UTDATE."""
     assert dict(DEFAULT_MAX_AGE_DAYS) == {"bias": 90.0, "dark": 365.0, "flat": 180.0, "arc": 30.0}
     assert reg.night_mjd("20240315") == 60384.0
 
 
 # -------------------------------------------------------------------- registration
 def test_sqlite_connections_use_wal_and_busy_timeout(tmp_path):
+    """Every SQLite connection is in WAL mode with the busy timeout."""
     path = tmp_path / "sub" / "dir" / "registry.sqlite"  # folder created on demand
     with Registry(path) as r:  # a plain path is an SQLite file
         assert str(r.url) == f"sqlite:///{path}"
@@ -177,6 +182,7 @@ def test_sqlite_connections_use_wal_and_busy_timeout(tmp_path):
 
 
 def test_register_upsert_is_idempotent(registry):
+    """Re-registering a key updates its row (same id, bad mark and creation kept)."""
     first = registry.register("demo", "flat", FLAT_R, "20240315", "/night/a/flat.fits",
                               mjd_min=60384.9, mjd_max=60385.1, nframes=5,
                               verification="PASS", details={"rms": 0.01})
@@ -210,12 +216,14 @@ def test_register_upsert_is_idempotent(registry):
 
 
 def test_register_checksum_of_existing_file(registry, tmp_path):
+    """The checksum of an existing file is computed when not given."""
     f = make_fits(tmp_path / "bias.fits")
     rid = registry.register("demo", "bias", {"binning": "2x2"}, "20240315", f)
     assert registry.get(rid).checksum == sha256(f)
 
 
 def test_register_rejects_bad_values(registry):
+    """Invalid arguments raise InvalidValue with a precise message."""
     with pytest.raises(InvalidValue, match="calibration type 'science' is not one of"):
         registry.register("demo", "science", FLAT_R, "20240315", "/x.fits")
     with pytest.raises(InvalidValue, match="night '20241345' is not a valid date"):
@@ -230,6 +238,7 @@ def test_register_rejects_bad_values(registry):
 
 
 def test_errors_name_the_id_and_path(registry, tmp_path):
+    """Errors about a master name its id and its file."""
     with pytest.raises(MasterNotFound, match=r"no master with id 4242 in registry "):
         registry.get(4242)
     with pytest.raises(MasterNotFound, match="no master with id 77"):
@@ -245,6 +254,7 @@ def test_errors_name_the_id_and_path(registry, tmp_path):
 
 # ----------------------------------------------------------------------- certify
 def test_certify_copies_atomically_with_stable_name(registry, tmp_path):
+    """certify copies into the store (stable name, verified checksum, no temporary)."""
     src = make_fits(tmp_path / "night" / "master_flat_r.fits", 2.0, MJD_MID=60384.8, NCOMBINE=9)
     before = (src.read_bytes(), src.stat().st_mtime_ns)
     store = tmp_path / "store"
@@ -281,6 +291,7 @@ def test_certify_copies_atomically_with_stable_name(registry, tmp_path):
 
 
 def test_certify_header_times_for_a_new_master(registry, tmp_path):
+    """Times and frame count of an unregistered master come from its FITS header."""
     src = make_fits(tmp_path / "bias.fits", MJD_MIN=60384.9, MJD_MAX=60385.3, NCOMBINE=11)
     rec = registry.certify(src, tmp_path / "store", instrument="demo", imtype="bias",
                            set_key={}, night="20240315")
@@ -290,6 +301,7 @@ def test_certify_header_times_for_a_new_master(registry, tmp_path):
 
 
 def test_certify_failed_copy_leaves_nothing(registry, tmp_path, monkeypatch):
+    """A copy whose checksum differs leaves neither a file nor a row."""
     src = make_fits(tmp_path / "flat.fits")
     store = tmp_path / "store"
     monkeypatch.setattr(reg, "sha256_file", lambda path: "0" * 64)  # a corrupted copy
@@ -301,6 +313,7 @@ def test_certify_failed_copy_leaves_nothing(registry, tmp_path, monkeypatch):
 
 
 def test_certify_refusals(registry, tmp_path):
+    """Missing files, failed verification and store-name clashes are refused."""
     store = tmp_path / "store"
     with pytest.raises(MasterFileMissing, match=r"master to certify .*nothere\.fits does not exist"):
         registry.certify(tmp_path / "nothere.fits", store, instrument="demo", imtype="flat",
@@ -320,6 +333,7 @@ def test_certify_refusals(registry, tmp_path):
 
 
 def test_tampered_store_file_fails_verification(registry, tmp_path):
+    """verify() detects a stored file changed after certification."""
     rec = registry.certify(make_fits(tmp_path / "arc.fits"), tmp_path / "store",
                            instrument="demo", imtype="arc", set_key={"lamp": "ThAr"},
                            night="20240315")
@@ -331,6 +345,7 @@ def test_tampered_store_file_fails_verification(registry, tmp_path):
 
 # ----------------------------------------------------------------------- nearest
 def test_nearest_before_after_tie_and_earlier_only(registry):
+    """Nearest in time on either side; ties and earlier_only favour earlier masters."""
     early = cert(registry, 60100.0)
     late = cert(registry, 60110.0)
     n = registry.nearest("demo", "flat", FLAT_R, 60104.0)
@@ -347,6 +362,7 @@ def test_nearest_before_after_tie_and_earlier_only(registry):
 
 
 def test_nearest_max_age(registry):
+    """The maximum age (default per type, or given) is inclusive."""
     cert(registry, 60000.0, imtype="arc", set_key={"lamp": "ThAr"})
     assert registry.nearest("demo", "arc", {"lamp": "ThAr"}, 60030.0).age_days == 30.0  # inclusive
     assert registry.nearest("demo", "arc", {"lamp": "ThAr"}, 60030.5) is None  # default 30 d
@@ -358,6 +374,7 @@ def test_nearest_max_age(registry):
 
 
 def test_nearest_skips_bad_decertified_and_uncertified(registry):
+    """Only certified masters not marked bad are candidates."""
     far = cert(registry, 60090.0)
     bad = cert(registry, 60101.0)
     withdrawn = cert(registry, 60099.0)
@@ -371,6 +388,7 @@ def test_nearest_skips_bad_decertified_and_uncertified(registry):
 
 
 def test_nearest_honours_validity_range(registry):
+    """A master is used only inside its validity range (bounds inclusive)."""
     old = cert(registry, 60080.0)
     new = cert(registry, 60100.0, valid_from_mjd=60095.0, valid_to_mjd=60120.0)
     assert registry.nearest("demo", "flat", FLAT_R, 60110.0).id == new
@@ -380,6 +398,7 @@ def test_nearest_honours_validity_range(registry):
 
 
 def test_nearest_never_mixes_set_keys_or_instruments(registry):
+    """Other set keys, instruments and types are never substituted."""
     r_flat = cert(registry, 60100.0, set_key=FLAT_R)
     cert(registry, 60104.0, set_key=FLAT_G)
     cert(registry, 60104.5, set_key=FLAT_R, instrument="other")
@@ -402,6 +421,7 @@ def _register_many(url: str, worker: int, barrier) -> None:
 
 
 def test_concurrent_processes_lose_nothing(db_url):
+    """Four processes registering at once (fresh registry) lose no row."""
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(4)
     procs = [ctx.Process(target=_register_many, args=(db_url, w, barrier)) for w in range(4)]
@@ -431,6 +451,7 @@ def calib(argv, url, **kw) -> int:
 
 
 def test_cli_certify_list_mark_bad(db_url, tmp_path, capsys):
+    """calib certify / list / mark-bad / decertify through run()."""
     src = make_fits(tmp_path / "flat.fits", MJD_MID=60384.9)
     store = tmp_path / "store"
     assert calib(["list"], db_url) == 0
@@ -475,6 +496,7 @@ def test_cli_certify_list_mark_bad(db_url, tmp_path, capsys):
 
 
 def test_cli_errors(db_url, tmp_path, capsys):
+    """CLI errors go to stderr with exit status 1 (registry) or 2 (usage)."""
     assert calib(["mark-bad", "999", "--reason", "x"], db_url) == 1
     assert "reducer calib mark-bad: error: no master with id 999" in capsys.readouterr().err
     assert calib(["certify", str(tmp_path / "none.fits"), "--instrument", "demo", "--night",
@@ -487,6 +509,7 @@ def test_cli_errors(db_url, tmp_path, capsys):
 
 
 def test_cli_registry_option_and_times(tmp_path, capsys):
+    """--registry overrides the site URL; default store; time parsing."""
     path = tmp_path / "reg.sqlite"
     assert calib(["list", "--registry", str(path)], "sqlite:////nonexistent/dir/x.sqlite") == 0
     assert path.is_file()
@@ -504,6 +527,7 @@ def test_cli_registry_option_and_times(tmp_path, capsys):
 
 
 def test_cli_module_does_not_import_sqlalchemy():
+    """Importing registry_cli stays cheap (no SQLAlchemy) for `reducer --help`."""
     root = Path(reg.__file__).resolve().parents[1]
     code = ("import sys, reducer.registry_cli; "
             "sys.exit('sqlalchemy' in sys.modules or 'reducer.registry' in sys.modules)")

@@ -233,6 +233,38 @@ def _network(n: int, ranks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     return tuple(reversed(kept))
 
 
+@lru_cache(maxsize=256)
+def _partition_network(n: int, exact: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Batcher network for ``n`` wires that leaves the ranks ``exact`` on their wires
+    and every run of ranks between them on its wires as a set (in any order).
+
+    Pruning rule (sound): scanning backwards, a comparator whose two wires are not
+    used by a later kept comparator and lie in the same run only permutes values
+    within that run, so it is dropped.
+    """
+    ex = set(exact)
+    grp = []
+    g = 0
+    prev_exact = True
+    for r in range(n):
+        if r in ex:
+            grp.append(-1 - r)
+            prev_exact = True
+        else:
+            if prev_exact:
+                g += 1
+            grp.append(g)
+            prev_exact = False
+    final = [True] * n
+    kept = []
+    for i, j in reversed(_batcher_pairs(n)):
+        if final[i] and final[j] and grp[i] == grp[j]:
+            continue
+        kept.append((i, j))
+        final[i] = final[j] = False
+    return tuple(reversed(kept))
+
+
 def _pct_index(n: int, q: float) -> tuple[int, int, float]:
     """numpy 'linear' percentile of n sorted values: (lower rank, upper rank, gamma)."""
     vi = (n - 1) * q
@@ -291,50 +323,162 @@ def workspace_bytes(nframes: int, chunk_pixels: int, *, weighted: bool = False,
 
 
 # --------------------------------------------------------------------------- kernel
+_I32_MAG = np.int32(0x7FFFFFFF)
+
+
+def _f32_key(x32: np.ndarray) -> np.ndarray:
+    """Monotone int64 key of float32 values (-0.0 and +0.0 are adjacent keys)."""
+    b = x32.view(np.int32)
+    return (b ^ ((b >> 31) & _I32_MAG)).astype(np.int64)
+
+
+def _key_f32(key: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_f32_key`."""
+    k = key.astype(np.int32)
+    return (k ^ ((k >> 31) & _I32_MAG)).view(np.float32)
+
+
+_KEY_NEG_INF = int(_f32_key(np.array([-np.inf], np.float32))[0])
+_KEY_POS_INF = int(_f32_key(np.array([np.inf], np.float32))[0])
+
+
+def _exact_threshold(m: np.ndarray, bound: np.ndarray, low: bool,
+                     guess: np.ndarray | None = None) -> np.ndarray:
+    """Exact float32 clipping threshold by bisection over the float32 ordering.
+
+    ``low``: smallest float32 x with fl64(m - x) <= bound; else the largest
+    float32 x with fl64(x - m) <= bound (m, bound float64 arrays).  ``guess``
+    (float32, optional) is a nearby value used to start with a narrow bracket.
+    """
+
+    def pred(key):
+        x = _key_f32(key).astype(np.float64)
+        return ((m - x) <= bound) if low else ((x - m) <= bound)
+
+    a = np.full(m.shape, _KEY_NEG_INF, np.int64)
+    b = np.full(m.shape, _KEY_POS_INF, np.int64)
+    if guess is not None:
+        kg = _f32_key(guess)
+        ga = np.maximum(kg - 2, _KEY_NEG_INF)
+        gb = np.minimum(kg + 2, _KEY_POS_INF)
+        # a valid bracket has pred(a) == (not low) and pred(b) == low
+        good = (pred(ga) != low) & (pred(gb) == low)
+        a = np.where(good, ga, a)
+        b = np.where(good, gb, b)
+    for _ in range(40):
+        if not np.any(b - a > 1):
+            break
+        mid = (a + b) // 2
+        p = pred(mid)
+        if low:      # P false at a, true at b
+            b = np.where(p, mid, b)
+            a = np.where(p, a, mid)
+        else:        # P true at a, false at b
+            a = np.where(p, mid, a)
+            b = np.where(p, b, mid)
+    return _key_f32(b if low else a)
+
+
 class _Kernel:
     """Vectorised clipped mean over (N, b) chunks; holds the reusable workspace."""
 
     def __init__(self, nframes: int, nsigma: float, chunk: int, scales, weights,
-                 with_unc: bool, unc_from: str, cnt_dtype):
+                 with_unc: bool, unc_from: str):
         n = nframes
         self.n = n
         self.k = nsigma
         self.fac = clip_variance_factor(nsigma)
         self.chunk = chunk
         self.scales = scales  # float32 array or None
-        self.weights = weights  # float64 array or None
+        self.weights = weights  # float64 array or None (None also for equal weights)
         self.with_unc = with_unc
         self.unc_from = unc_from
-        self.cnt_dtype = cnt_dtype
         b = chunk
         f32, f64 = np.float32, np.float64
         self.xs = np.empty((n, b), f32)
         self.buf = np.empty((n + 1, b), f32)
         self.valid = np.empty((n, b), bool)
         self.v = {name: np.empty(b, f64) for name in (
-            "m", "p16", "p84", "s", "bound", "t", "t2", "lo64", "hi64", "S1", "S2",
+            "m", "p16", "p84", "s", "bound", "t", "t2", "lo64", "hi64", "eps", "S1", "S2",
             "Sw", "Sw2", "Su", "mean", "var", "cntf", "g")}
         self.f = {name: np.empty(b, f32) for name in (
-            "lo", "hi", "c", "d", "e", "wk", "a1", "a2", "aw", "aw2", "au", "pv")}
+            "lo", "hi", "c", "d", "e", "wk", "a1", "a2", "aw", "aw2", "au")}
         self.bools = {name: np.empty(b, bool) for name in ("k", "k2", "ok", "ok2")}
+        self.i32 = np.empty(b, np.int32)
         self.cnt = np.empty(b, np.int32 if n > 32767 else np.int16)
         self.ivec = np.empty(b, np.intp)
         self.nvalid = np.empty(b, np.intp)
         self.arange = np.arange(b, dtype=np.intp)
+        # fixed-n (fast path) rank bookkeeping
+        j16 = _pct_index(n, _Q16)
+        j84 = _pct_index(n, _Q84)
+        self.j16, self.j84 = j16, j84
+        exact = tuple(sorted(_ranks_for(n)))
+        self.net_exact = _network(n, exact)            # exact ranks only
+        self.net_part = _partition_network(n, exact)   # exact ranks + groups as sets
+        # row categories for the sorted accumulation: 0 no test, 1 low test, 2 high test
+        cat = []
+        for r in range(n):
+            if n <= 2:
+                cat.append(0)
+            elif nsigma >= 2 and j16[0] < r <= j84[0]:
+                cat.append(0)          # inside [P16, P84]: always within 2 s of m
+            elif r <= (n - 1) // 2:
+                cat.append(1)          # <= m: only the low bound can reject it
+            else:
+                cat.append(2)          # >= m: only the high bound can reject it
+        self.cat = cat
+        self.n_free = cat.count(0)
 
-    # ---- order statistics ------------------------------------------------------------
-    def _sort(self, b: int, ranks: tuple[int, ...]):
-        """Sort columns of buf[:n, :b]; return list mapping rank -> row view."""
+    # ---- sorting --------------------------------------------------------------------
+    def _net_from(self, src_rows, pairs, nb):
+        """Apply ``pairs`` to read-only ``src_rows``; results go to buffer rows."""
+        n = self.n
+        rows = list(src_rows)
+        owned = [False] * n
+        free = [self.buf[i, :nb] for i in range(n + 1)]
+        mn, mx = np.minimum, np.maximum
+        for i, j in pairs:
+            a = rows[i]
+            bb = rows[j]
+            lo_out = free.pop()
+            mn(a, bb, out=lo_out)
+            if owned[j]:
+                mx(a, bb, out=bb)
+            else:
+                hi_out = free.pop()
+                mx(a, bb, out=hi_out)
+                rows[j] = hi_out
+                owned[j] = True
+            if owned[i]:
+                free.append(a)
+            rows[i] = lo_out
+            owned[i] = True
+        return rows
+
+    def _sorted_rows(self, xs, nb, pairs):
+        """Rows (views) holding the column-wise order statistics of xs."""
         n = self.n
         if n > NETWORK_MAX_N:
-            srt = np.ascontiguousarray(self.buf[:n, :b].T)  # (b, n): contiguous lanes
+            srt = np.ascontiguousarray(xs.T)  # (b, n): contiguous lanes
             srt.sort(axis=1)
-            self.buf[:n, :b] = srt.T
+            self.buf[:n, :nb] = srt.T
             del srt
-            return [self.buf[i, :b] for i in range(n)], list(range(n))
-        rows = [self.buf[i, :b] for i in range(n)]
+            return [self.buf[i, :nb] for i in range(n)]
+        return self._net_from([xs[i] for i in range(n)], pairs, nb)
+
+    def _sort_buf(self, nb: int, ranks: tuple[int, ...]):
+        """Sort columns of buf[:n, :nb] in place; return (rank -> row view, rank -> buf row)."""
+        n = self.n
+        if n > NETWORK_MAX_N:
+            srt = np.ascontiguousarray(self.buf[:n, :nb].T)
+            srt.sort(axis=1)
+            self.buf[:n, :nb] = srt.T
+            del srt
+            return [self.buf[i, :nb] for i in range(n)], list(range(n))
+        rows = [self.buf[i, :nb] for i in range(n)]
         rid = list(range(n))
-        spare = self.buf[n, :b]
+        spare = self.buf[n, :nb]
         sid = n
         mn, mx = np.minimum, np.maximum
         for i, j in _network(n, ranks):
@@ -346,6 +490,7 @@ class _Kernel:
             rid[i], sid = sid, rid[i]
         return rows, rid
 
+    # ---- centre, spread, thresholds ----------------------------------------------------
     def _lerp_fixed(self, a, b_, g: float, out):
         """numpy._lerp in float64 for a scalar gamma."""
         t = self.v["t"][: out.shape[0]]
@@ -373,220 +518,186 @@ class _Kernel:
             np.subtract(b_, t2, out=t, dtype=np.float64)
             np.copyto(out, t, where=ge)
 
+    def _stats_fixed(self, rows, nb):
+        """m, s, bound for every pixel having all N values (float64, numpy formulas)."""
+        n = self.n
+        v = self.v
+        m, p16, p84, s, bound = (v[k][:nb] for k in ("m", "p16", "p84", "s", "bound"))
+        np.add(rows[(n - 1) // 2], rows[n // 2], out=m, dtype=np.float64)
+        np.multiply(m, 0.5, out=m)
+        j0, j1, g = self.j16
+        self._lerp_fixed(rows[j0], rows[j1], g, p16)
+        j0, j1, g = self.j84
+        self._lerp_fixed(rows[j0], rows[j1], g, p84)
+        np.subtract(p84, p16, out=s)
+        np.divide(s, 2, out=s)
+        np.multiply(s, self.k, out=bound)
+
     def _thresholds(self, nb: int):
-        """float32 lo/hi selecting exactly the x with float64 |x - m| <= bound."""
+        """float32 lo/hi such that lo <= x <= hi  <=>  float64 |x - m| <= bound.
+
+        The float64 bounds m -+ bound are rounded to float32 in the safe
+        direction; where a float32 lies within 2**-50 (|m| + bound) of them (or
+        they round to zero) the rounding of ``x - m`` could matter and the
+        threshold is found exactly by bisection.
+        """
         v, f, bl = self.v, self.f, self.bools
-        m, bound = v["m"][:nb], v["bound"][:nb]
-        lo, hi, pv = f["lo"][:nb], f["hi"][:nb], f["pv"][:nb]
+        m, bound, eps = v["m"][:nb], v["bound"][:nb], v["eps"][:nb]
         t = v["t"][:nb]
         ok, ok2 = bl["ok"][:nb], bl["ok2"][:nb]
-        # lower threshold: smallest float32 x with fl64(m - x) <= bound
-        lo64 = v["lo64"][:nb]
-        np.subtract(m, bound, out=lo64)
-        np.copyto(lo, lo64, casting="same_kind")       # nearest float32 ...
-        np.less(lo, lo64, out=ok)
-        np.nextafter(lo, np.float32(np.inf), out=lo, where=ok)  # ... rounded up
-        np.subtract(m, lo, out=t)
-        np.less_equal(t, bound, out=ok)                 # lo itself kept
-        np.nextafter(lo, np.float32(-np.inf), out=pv)
-        np.subtract(m, pv, out=t)
-        np.less_equal(t, bound, out=ok2)                # predecessor kept too
-        np.logical_not(ok, out=ok)
-        np.logical_or(ok, ok2, out=ok)
-        if ok.any():
-            self._refine(lo, m, bound, np.flatnonzero(ok), low=True)
-        # upper threshold: largest float32 x with fl64(x - m) <= bound
-        hi64 = v["hi64"][:nb]
-        np.add(m, bound, out=hi64)
-        np.copyto(hi, hi64, casting="same_kind")       # nearest float32 ...
-        np.greater(hi, hi64, out=ok)
-        np.nextafter(hi, np.float32(-np.inf), out=hi, where=ok)  # ... rounded down
-        np.subtract(hi, m, out=t)
-        np.less_equal(t, bound, out=ok)
-        np.nextafter(hi, np.float32(np.inf), out=pv)
-        np.subtract(pv, m, out=t)
-        np.less_equal(t, bound, out=ok2)
-        np.logical_not(ok, out=ok)
-        np.logical_or(ok, ok2, out=ok)
-        if ok.any():
-            self._refine(hi, m, bound, np.flatnonzero(ok), low=False)
-
-    @staticmethod
-    def _refine(thr, m, bound, idx, low: bool):
-        """Step float32 thresholds (few pixels) until they are exactly the boundary."""
-        up, down = np.float32(np.inf), np.float32(-np.inf)
-        for _ in range(256):
-            if idx.size == 0:
-                return
-            t = thr[idx]
-            mm = m[idx]
-            bd = bound[idx]
+        sg = self.i32[:nb]
+        np.abs(m, out=eps)
+        np.add(eps, bound, out=eps)
+        np.multiply(eps, 2.0 ** -50, out=eps)
+        for low in (True, False):
+            thr = f["lo"][:nb] if low else f["hi"][:nb]
+            t64 = v["lo64"][:nb] if low else v["hi64"][:nb]
             if low:
-                keep = (mm - t.astype(np.float64)) <= bd
-                prev = np.nextafter(t, down)
-                keep_prev = (mm - prev.astype(np.float64)) <= bd
-                new = np.where(~keep, np.nextafter(t, up), np.where(keep_prev, prev, t))
+                np.subtract(m, bound, out=t64)
             else:
-                keep = (t.astype(np.float64) - mm) <= bd
-                nxt = np.nextafter(t, up)
-                keep_next = (nxt.astype(np.float64) - mm) <= bd
-                new = np.where(~keep, np.nextafter(t, down), np.where(keep_next, nxt, t))
-            changed = new != t
-            thr[idx] = new
-            idx = idx[changed]
-        raise RuntimeError("clipping threshold did not converge")  # pragma: no cover
+                np.add(m, bound, out=t64)
+            np.copyto(thr, t64, casting="same_kind")   # nearest float32
+            np.add(thr, np.float32(0.0), out=thr)      # -0.0 -> +0.0
+            np.subtract(thr, t64, out=t, dtype=np.float64)
+            # step one float32 towards the inside where rounding went outside
+            if low:
+                np.less(t, 0.0, out=ok)
+            else:
+                np.greater(t, 0.0, out=ok)
+            bits = thr.view(np.int32)
+            np.right_shift(bits, 31, out=sg)
+            np.bitwise_or(sg, 1, out=sg)               # +1 / -1: sign of thr
+            np.multiply(sg, ok, out=sg)
+            if low:
+                np.add(bits, sg, out=bits)             # next float32 up
+            else:
+                np.subtract(bits, sg, out=bits)        # next float32 down
+            # ambiguous: a float32 within eps of the float64 bound, or zero
+            np.abs(t, out=t)
+            np.less_equal(t, eps, out=ok)
+            np.equal(thr, 0, out=ok2)
+            np.logical_or(ok, ok2, out=ok)
+            if ok.any():
+                idx = np.flatnonzero(ok)
+                thr[idx] = _exact_threshold(m[idx], bound[idx], low, thr[idx])
 
     # ---- one chunk -------------------------------------------------------------------
     def run_chunk(self, X, M, U, out_mean, out_unc, out_cnt):
         """Combine one chunk. X: (N, b) any real dtype; M: (N, b) bool or None;
         U: (N, b) 1-sigma or None.  Writes into the three (b,) outputs."""
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            self._run_chunk(X, M, U, out_mean, out_unc, out_cnt)
-
-    def _run_chunk(self, X, M, U, out_mean, out_unc, out_cnt):
-        n = self.n
-        nb = X.shape[1]
-        v, f, bl = self.v, self.f, self.bools
-        scales = self.scales
-        # -- working values x_i (float32, scaled)
-        if scales is None and X.dtype == np.float32:
-            xs = X
-        else:
-            xs = self.xs[:, :nb]
-            np.copyto(xs, X, casting="unsafe")
-            if scales is not None:
-                for i in range(n):
-                    np.multiply(xs[i], scales[i], out=xs[i])
-        masked = M is not None and bool(M.any())
-        finite = bool(np.isfinite(np.add.reduce(xs, axis=None, dtype=np.float32)))
-        fast = finite and not masked
-        buf = self.buf
-        valid = None
-        if fast:
-            np.copyto(buf[:n, :nb], xs)
-            nmin = n
-        else:
-            valid = self.valid[:, :nb]
-            np.isfinite(xs, out=valid)
-            if masked:
-                valid &= ~M
-            nv = self.nvalid[:nb]
-            np.add.reduce(valid, axis=0, dtype=np.intp, out=nv)
-            # masked / non-finite values -> +inf so that they sort to the end; the
-            # working copy gets 0 there so that the sums stay finite.
-            if xs is X:
-                xs = self.xs[:, :nb]
-                np.copyto(xs, X)
-            np.copyto(buf[:n, :nb], xs)
-            inval = ~valid
-            np.copyto(buf[:n, :nb], np.float32(np.inf), where=inval)
-            np.copyto(xs, np.float32(0.0), where=inval)
-            del inval
-            nmin = int(nv.min())
-        ranks = _ranks_for_range(max(nmin, 1), n) if not fast else tuple(sorted(_ranks_for(n)))
-        rows, rid = self._sort(nb, ranks)
-
-        m, p16, p84, s, bound = (v[k][:nb] for k in ("m", "p16", "p84", "s", "bound"))
-        lo, hi, c = f["lo"][:nb], f["hi"][:nb], f["c"][:nb]
-        if fast:
-            clip = n >= 3
-            np.add(rows[(n - 1) // 2], rows[n // 2], out=m, dtype=np.float64)
-            np.multiply(m, 0.5, out=m)
-            if clip:
-                j0, j1, g = _pct_index(n, _Q16)
-                self._lerp_fixed(rows[j0], rows[j1], g, p16)
-                j0, j1, g = _pct_index(n, _Q84)
-                self._lerp_fixed(rows[j0], rows[j1], g, p84)
-                np.subtract(p84, p16, out=s)
-                np.divide(s, 2, out=s)
-                np.multiply(s, self.k, out=bound)
-                self._thresholds(nb)
+            nb = X.shape[1]
+            scales = self.scales
+            if scales is None and X.dtype == np.float32:
+                xs = X
             else:
-                lo.fill(-_F32_MAX)
-                hi.fill(_F32_MAX)
-            facv = self.fac if clip else 1.0
-        else:
-            nv = self.nvalid[:nb]
-            flat = self.buf.reshape(-1)  # ranks map to any of the N + 1 buffer rows
-            stride = self.buf.shape[1]
-            rid_arr = np.asarray(rid, dtype=np.intp)
-            idx = self.ivec[:nb]
-            base = self.arange[:nb]
+                xs = self.xs[:, :nb]
+                np.copyto(xs, X, casting="unsafe")
+                if scales is not None:
+                    for i in range(self.n):
+                        np.multiply(xs[i], scales[i], out=xs[i])
+            masked = M is not None and bool(M.any())
+            if not masked and self._fast(xs, U, nb):
+                self._finish(nb, U, out_mean, out_unc, out_cnt, facv=self.fac if self.n >= 3 else 1.0)
+                return
+            facv = self._slow(X, xs, M if masked else None, U, nb)
+            self._finish(nb, U, out_mean, out_unc, out_cnt, facv=facv)
 
-            def gather(rank_vec, out32):
-                # rank_vec: (nb,) intp ranks; value of that rank in every pixel
-                np.take(rid_arr, rank_vec, out=idx)
-                np.multiply(idx, stride, out=idx)
-                np.add(idx, base, out=idx)
-                np.take(flat, idx, out=out32)
-                return out32
+    def _reset_sums(self, nb, U):
+        v, f = self.v, self.f
+        for name in ("S1", "S2"):
+            v[name][:nb].fill(0.0)
+        for name in ("a1", "a2"):
+            f[name][:nb].fill(0.0)
+        self.cnt[:nb].fill(0)
+        if self.weights is not None:
+            for name in ("Sw", "Sw2"):
+                v[name][:nb].fill(0.0)
+            for name in ("aw", "aw2"):
+                f[name][:nb].fill(0.0)
+        if U is not None:
+            v["Su"][:nb].fill(0.0)
+            f["au"][:nb].fill(0.0)
 
-            a1, a2 = f["a1"][:nb], f["a2"][:nb]
-            nvc = np.maximum(nv, 1)  # n == 0 pixels: read rank 0, result discarded
-            rk = (nvc - 1) // 2
-            gather(rk, a1)
-            rk = nvc // 2
-            gather(rk, a2)
-            np.add(a1, a2, out=m, dtype=np.float64)
-            np.multiply(m, 0.5, out=m)
-            gv = v["g"][:nb]
-            for q, out in ((_Q16, p16), (_Q84, p84)):
-                vi = (nvc - 1) * q                       # float64, as numpy
-                j = np.floor(vi)
-                np.subtract(vi, j, out=gv)
-                j0 = j.astype(np.intp)
-                top = vi >= (nvc - 1)
-                j0[top] = nvc[top] - 1
-                j1 = np.minimum(j0 + 1, nvc - 1)
-                gather(j0, a1)
-                gather(j1, a2)
-                self._lerp_var(a1, a2, gv, out)
-            np.subtract(p84, p16, out=s)
-            np.divide(s, 2, out=s)
-            np.multiply(s, self.k, out=bound)
-            none = nv == 0
-            if none.any():
-                m[none] = 0.0
-                bound[none] = 0.0
+    def _flush(self, nb, U):
+        v, f = self.v, self.f
+        pairs = [("S1", "a1"), ("S2", "a2")]
+        if self.weights is not None:
+            pairs += [("Sw", "aw"), ("Sw2", "aw2")]
+        if U is not None:
+            pairs.append(("Su", "au"))
+        for big, small in pairs:
+            np.add(v[big][:nb], f[small][:nb], out=v[big][:nb])
+            f[small][:nb].fill(0.0)
+
+    def _fast(self, xs, U, nb) -> bool:
+        """All N values valid (to be confirmed): returns False if a non-finite value
+        turned up, in which case the chunk must go through :meth:`_slow`."""
+        n = self.n
+        v, f, bl = self.v, self.f, self.bools
+        sorted_acc = self.weights is None and U is None
+        rows = self._sorted_rows(xs, nb, self.net_part if sorted_acc else self.net_exact)
+        lo, hi, c = f["lo"][:nb], f["hi"][:nb], f["c"][:nb]
+        if n >= 3:
+            self._stats_fixed(rows, nb)
             self._thresholds(nb)
-            noclip = nv <= 2
-            if noclip.any():
-                lo[noclip] = -_F32_MAX
-                hi[noclip] = _F32_MAX
-            facv = np.where(noclip, 1.0, self.fac)
-        np.copyto(c, m, casting="same_kind")
-        del rows
+        else:
+            m = v["m"][:nb]
+            np.add(rows[0], rows[n - 1], out=m, dtype=np.float64)
+            np.multiply(m, 0.5, out=m)
+            lo.fill(-_F32_MAX)
+            hi.fill(_F32_MAX)
+        np.copyto(c, v["m"][:nb], casting="same_kind")
+        self._reset_sums(nb, U)
+        S1 = v["S1"][:nb]
+        if sorted_acc:
+            # survivors from the (partially) sorted rows: a row at or below the
+            # median can only fail the low bound, one above only the high bound,
+            # rows inside [P16, P84] pass both when nsigma >= 2.
+            k = bl["k"][:nb]
+            d = f["d"][:nb]
+            a1, a2 = f["a1"][:nb], f["a2"][:nb]
+            cnt = self.cnt[:nb]
+            cnt.fill(self.n_free)
+            for r in range(n):
+                x = rows[r]
+                np.subtract(x, c, out=d)
+                cat = self.cat[r]
+                if cat:
+                    if cat == 1:
+                        np.greater_equal(x, lo, out=k)
+                    else:
+                        np.less_equal(x, hi, out=k)
+                    np.multiply(d, k, out=d)
+                    np.add(cnt, k, out=cnt)
+                np.add(a1, d, out=a1)
+                np.multiply(d, d, out=d)
+                np.add(a2, d, out=a2)
+                if (r + 1) % _ACC_BLOCK == 0 or r == n - 1:
+                    self._flush(nb, U)
+        else:
+            del rows
+            self._accumulate(xs, None, U, nb)
+        return bool(np.isfinite(np.add.reduce(S1)))
 
-        # -- accumulate survivors (frames in their original order)
+    def _accumulate(self, xs, valid, U, nb):
+        """Survivor sums over frames in their original order (weights, uncertainties)."""
+        n = self.n
+        f, bl = self.f, self.bools
+        lo, hi, c = f["lo"][:nb], f["hi"][:nb], f["c"][:nb]
         k, k2 = bl["k"][:nb], bl["k2"][:nb]
         d, e = f["d"][:nb], f["e"][:nb]
-        a1, a2 = f["a1"][:nb], f["a2"][:nb]          # float32 block sums
-        S1, S2 = v["S1"][:nb], v["S2"][:nb]
-        S1.fill(0.0)
-        S2.fill(0.0)
-        a1.fill(0.0)
-        a2.fill(0.0)
+        a1, a2 = f["a1"][:nb], f["a2"][:nb]
         cnt = self.cnt[:nb]
-        cnt.fill(0)
         w = self.weights
         if w is not None:
             wk, aw, aw2 = f["wk"][:nb], f["aw"][:nb], f["aw2"][:nb]
-            Sw, Sw2 = v["Sw"][:nb], v["Sw2"][:nb]
-            Sw.fill(0.0)
-            Sw2.fill(0.0)
-            aw.fill(0.0)
-            aw2.fill(0.0)
             w32 = w.astype(np.float32)
             w2_32 = (w * w).astype(np.float32)
-        use_u = U is not None
-        if use_u:
+        if U is not None:
             au = f["au"][:nb]
-            Su = v["Su"][:nb]
-            Su.fill(0.0)
-            au.fill(0.0)
-            sc2 = np.ones(n) if scales is None else scales.astype(np.float64) ** 2
-            uw = sc2 * (1.0 if w is None else w * w)
-            uw32 = uw.astype(np.float32)
+            sc2 = np.ones(n) if self.scales is None else self.scales.astype(np.float64) ** 2
+            uw32 = (sc2 * (1.0 if w is None else w * w)).astype(np.float32)
         for i in range(n):
             xi = xs[i]
             np.greater_equal(xi, lo, out=k)
@@ -611,7 +722,7 @@ class _Kernel:
                 np.add(aw, wk, out=aw)
                 np.multiply(k, w2_32[i], out=wk)
                 np.add(aw2, wk, out=aw2)
-            if use_u:
+            if U is not None:
                 ui = U[i]
                 np.multiply(ui, ui, out=e, casting="unsafe")
                 np.multiply(e, k, out=e)
@@ -619,61 +730,131 @@ class _Kernel:
                     np.multiply(e, uw32[i], out=e)
                 np.add(au, e, out=au)
             if (i + 1) % _ACC_BLOCK == 0 or i == n - 1:
-                np.add(S1, a1, out=S1)
-                np.add(S2, a2, out=S2)
-                a1.fill(0.0)
-                a2.fill(0.0)
-                if w is not None:
-                    np.add(Sw, aw, out=Sw)
-                    np.add(Sw2, aw2, out=Sw2)
-                    aw.fill(0.0)
-                    aw2.fill(0.0)
-                if use_u:
-                    np.add(Su, au, out=Su)
-                    au.fill(0.0)
+                self._flush(nb, U)
 
-        # -- final per-pixel values (float64)
+    def _slow(self, X, xs, M, U, nb):
+        """General path: per-pixel number of valid values (masks, NaN, inf)."""
+        n = self.n
+        v, f = self.v, self.f
+        valid = self.valid[:, :nb]
+        np.isfinite(xs, out=valid)
+        if M is not None:
+            valid &= ~M
+        nv = self.nvalid[:nb]
+        np.add.reduce(valid, axis=0, dtype=np.intp, out=nv)
+        # invalid values -> +inf in the sort buffer (they sort to the end) and 0 in
+        # the working copy (keeps the sums finite; they are excluded by `valid`).
+        if xs is X:
+            xs = self.xs[:, :nb]
+            np.copyto(xs, X)
+        buf = self.buf[:n, :nb]
+        np.copyto(buf, xs)
+        inval = ~valid
+        np.copyto(buf, np.float32(np.inf), where=inval)
+        np.copyto(xs, np.float32(0.0), where=inval)
+        del inval
+        nmin = int(nv.min())
+        rows, rid = self._sort_buf(nb, _ranks_for_range(max(nmin, 1), n))
+        del rows
+        m, p16, p84, s, bound = (v[k][:nb] for k in ("m", "p16", "p84", "s", "bound"))
+        lo, hi, c = f["lo"][:nb], f["hi"][:nb], f["c"][:nb]
+        flat = self.buf.reshape(-1)  # ranks map to any of the N + 1 buffer rows
+        stride = self.buf.shape[1]
+        rid_arr = np.asarray(rid, dtype=np.intp)
+        idx = self.ivec[:nb]
+        base = self.arange[:nb]
+
+        def gather(rank_vec, out32):
+            np.take(rid_arr, rank_vec, out=idx)
+            np.multiply(idx, stride, out=idx)
+            np.add(idx, base, out=idx)
+            np.take(flat, idx, out=out32)
+            return out32
+
+        a1, a2 = f["a1"][:nb], f["a2"][:nb]
+        nvc = np.maximum(nv, 1)  # n == 0 pixels: read rank 0, result discarded
+        gather((nvc - 1) // 2, a1)
+        gather(nvc // 2, a2)
+        np.add(a1, a2, out=m, dtype=np.float64)
+        np.multiply(m, 0.5, out=m)
+        gv = v["g"][:nb]
+        for q, out in ((_Q16, p16), (_Q84, p84)):
+            vi = (nvc - 1) * q                       # float64, as numpy
+            j = np.floor(vi)
+            np.subtract(vi, j, out=gv)
+            j0 = j.astype(np.intp)
+            top = vi >= (nvc - 1)
+            j0[top] = nvc[top] - 1
+            j1 = np.minimum(j0 + 1, nvc - 1)
+            gather(j0, a1)
+            gather(j1, a2)
+            self._lerp_var(a1, a2, gv, out)
+        np.subtract(p84, p16, out=s)
+        np.divide(s, 2, out=s)
+        np.multiply(s, self.k, out=bound)
+        none = nv == 0
+        if none.any():
+            m[none] = 0.0
+            bound[none] = 0.0
+        self._thresholds(nb)
+        noclip = nv <= 2
+        if noclip.any():
+            lo[noclip] = -_F32_MAX
+            hi[noclip] = _F32_MAX
+        np.copyto(c, m, casting="same_kind")
+        self._reset_sums(nb, U)
+        self._accumulate(xs, valid, U, nb)
+        return np.where(noclip, 1.0, self.fac)
+
+    def _finish(self, nb, U, out_mean, out_unc, out_cnt, facv):
+        """Per-pixel value, UNC and CNT from the sums (float64)."""
+        v, f = self.v, self.f
+        w = self.weights
+        cnt = self.cnt[:nb]
+        c = f["c"][:nb]
+        S1, S2 = v["S1"][:nb], v["S2"][:nb]
+        Sw, Sw2 = v["Sw"][:nb], v["Sw2"][:nb]
         mean, var, cntf = v["mean"][:nb], v["var"][:nb], v["cntf"][:nb]
+        t = v["t"][:nb]
         np.copyto(cntf, cnt, casting="unsafe")
         V1 = cntf if w is None else Sw
-        if True:
-            np.divide(S1, V1, out=mean)
-            np.add(mean, c, out=mean)
-            # sum of squares about the mean: S2 - S1^2 / V1
-            t = v["t"][:nb]
-            np.multiply(S1, S1, out=t)
-            np.divide(t, V1, out=t)
-            np.subtract(S2, t, out=var)
-            np.maximum(var, 0.0, out=var)
-            if w is None:
-                np.subtract(cntf, 1.0, out=t)          # ddof = 1
-                np.divide(var, t, out=var)
-                np.divide(var, facv, out=var)
-                np.divide(var, cntf, out=var)          # variance of the mean
+        np.divide(S1, V1, out=mean)
+        np.add(mean, c, out=mean)
+        # sum of squares about the mean: S2 - S1^2 / V1
+        np.multiply(S1, S1, out=t)
+        np.divide(t, V1, out=t)
+        np.subtract(S2, t, out=var)
+        np.maximum(var, 0.0, out=var)
+        if w is None:
+            np.subtract(cntf, 1.0, out=t)          # ddof = 1
+            np.divide(var, t, out=var)
+            np.divide(var, facv, out=var)
+            np.divide(var, cntf, out=var)          # variance of the mean
+        else:
+            np.divide(Sw2, Sw, out=t)
+            np.subtract(Sw, t, out=t)              # V1 - V2 / V1
+            np.divide(var, t, out=var)
+            np.divide(var, facv, out=var)
+            np.multiply(var, Sw2, out=var)
+            np.divide(var, Sw, out=var)
+            np.divide(var, Sw, out=var)            # * V2 / V1^2
+        one = cnt <= 1
+        if U is not None:
+            t2 = v["t2"][:nb]
+            np.sqrt(v["Su"][:nb], out=t2)
+            np.divide(t2, V1, out=t2)              # sqrt(sum w^2 s^2 sig^2) / sum w
+            np.square(t2, out=t2)
+            if self.unc_from == "input":
+                np.copyto(var, t2)
             else:
-                np.divide(Sw2, Sw, out=t)
-                np.subtract(Sw, t, out=t)              # V1 - V2 / V1
-                np.divide(var, t, out=var)
-                np.divide(var, facv, out=var)
-                np.multiply(var, Sw2, out=var)
-                np.divide(var, Sw, out=var)
-                np.divide(var, Sw, out=var)            # * V2 / V1^2
-            one = cnt <= 1
-            if use_u:
-                t2 = v["t2"][:nb]
-                np.sqrt(Su, out=t2)
-                np.divide(t2, V1, out=t2)              # sqrt(sum w^2 s^2 sig^2) / sum w
-                if self.unc_from == "input":
-                    np.square(t2, out=var)
-                else:
-                    np.copyto(var, np.square(t2), where=one)
-            else:
-                var[one] = np.nan
-            np.sqrt(var, out=var)
-            zero = cnt == 0
-            if zero.any():
-                mean[zero] = np.nan
-                var[zero] = np.nan
+                np.copyto(var, t2, where=one)
+        elif one.any():
+            var[one] = np.nan
+        np.sqrt(var, out=var)
+        zero = cnt == 0
+        if zero.any():
+            mean[zero] = np.nan
+            var[zero] = np.nan
         np.copyto(out_mean, mean, casting="same_kind")
         np.copyto(out_unc, var, casting="same_kind")
         np.copyto(out_cnt, cnt, casting="unsafe")
@@ -700,21 +881,28 @@ def _check_unc_from(unc_from: str) -> str:
     return unc_from
 
 
-def _make_kernel(n, nsigma, chunk, scales, weights, with_unc, unc_from, cnt_dtype):
+def _check_threads(threads) -> int:
+    t = operator.index(threads)
+    if t < 1:
+        raise ValueError(f"threads must be >= 1, got {threads!r}")
+    return t
+
+
+def _make_kernel(n, nsigma, chunk, scales, weights, with_unc, unc_from):
     sc32 = None if scales is None else scales.astype(np.float32)
     if sc32 is not None and np.all(sc32 == 1):
         sc32 = None
     w = weights
     if w is not None and np.all(w == w[0]):
         w = None  # equal weights: bit-identical to the unweighted estimator
-    return _Kernel(n, nsigma, chunk, sc32, w, with_unc, unc_from, cnt_dtype)
+    return _Kernel(n, nsigma, chunk, sc32, w, with_unc, unc_from)
 
 
-def _run_2d(kern: _Kernel, X2, M2, U2, om, ou, oc):
-    """Run the kernel over (N, P) arrays in chunks; outputs are (P,) arrays."""
-    P = X2.shape[1]
+def _run_2d(kern: _Kernel, X2, M2, U2, om, ou, oc, p_start=0, p_stop=None):
+    """Run the kernel over columns [p_start, p_stop) of (N, P) arrays, in chunks."""
+    P = X2.shape[1] if p_stop is None else p_stop
     b = kern.chunk
-    for p0 in range(0, P, b):
+    for p0 in range(p_start, P, b):
         p1 = min(P, p0 + b)
         kern.run_chunk(X2[:, p0:p1],
                        None if M2 is None else M2[:, p0:p1],
@@ -722,7 +910,7 @@ def _run_2d(kern: _Kernel, X2, M2, U2, om, ou, oc):
                        om[p0:p1], ou[p0:p1], oc[p0:p1])
 
 
-def _flat_view(a: np.ndarray, name: str) -> np.ndarray:
+def _flat_view(a: np.ndarray) -> np.ndarray:
     """(N, ny, nx) -> (N, ny*nx) without copying when the frame planes are contiguous."""
     n = a.shape[0]
     try:
@@ -731,10 +919,23 @@ def _flat_view(a: np.ndarray, name: str) -> np.ndarray:
         return np.ascontiguousarray(a).reshape(n, -1)
 
 
+def _run_threads(fn, nthreads: int):
+    """Run fn(0..nthreads-1) on threads (fn(0) alone when nthreads == 1); re-raise errors."""
+    if nthreads == 1:
+        fn(0)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=nthreads, thread_name_prefix="combine") as ex:
+        futs = [ex.submit(fn, t) for t in range(nthreads)]
+        for fu in futs:
+            fu.result()
+
+
 # --------------------------------------------------------------------------- public: pure
 def clipped_mean(cube, nsigma: float, masks=None, scales=None, weights=None, *,
                  uncs=None, unc_from: str = "scatter",
-                 chunk_pixels: int = DEFAULT_CHUNK_PIXELS):
+                 chunk_pixels: int = DEFAULT_CHUNK_PIXELS, threads: int = 1):
     """Sigma-clipped mean of a stack (KPF recipe), with uncertainty and count.
 
     Pure function: the inputs are never modified.  See the module docstring for
@@ -762,6 +963,9 @@ def clipped_mean(cube, nsigma: float, masks=None, scales=None, weights=None, *,
     chunk_pixels : int
         Pixels processed together (speed/memory trade-off, see
         :func:`workspace_bytes`).
+    threads : int
+        Worker threads (each with its own workspace); numpy releases the GIL
+        in its loops, so 2 threads use 2 cores.
 
     Returns
     -------
@@ -780,6 +984,7 @@ def clipped_mean(cube, nsigma: float, masks=None, scales=None, weights=None, *,
     """
     k = _check_nsigma(nsigma)
     unc_from = _check_unc_from(unc_from)
+    nthreads = _check_threads(threads)
     cube = np.asanyarray(cube)
     if isinstance(cube, np.ma.MaskedArray):
         raise ValueError("cube must be a plain ndarray; pass the mask with masks=")
@@ -804,20 +1009,27 @@ def clipped_mean(cube, nsigma: float, masks=None, scales=None, weights=None, *,
         raise ValueError("unc_from='input' needs per-frame uncertainties (uncs=)")
     sc = _as_vector("scales", scales, n, positive=False)
     w = _as_vector("weights", weights, n, positive=True)
-    chunk = int(chunk_pixels)
+    chunk = operator.index(chunk_pixels)
     if chunk < 1:
         raise ValueError(f"chunk_pixels must be >= 1, got {chunk_pixels}")
     npix = int(np.prod(img_shape))
     chunk = min(chunk, npix)
     cnt_dtype = np.int32 if n > 32767 else np.int16
-    kern = _make_kernel(n, k, chunk, sc, w, uncs is not None, unc_from, cnt_dtype)
-    X2 = _flat_view(cube, "cube")
-    M2 = None if masks is None else _flat_view(masks, "masks")
-    U2 = None if uncs is None else _flat_view(uncs, "uncs")
+    X2 = _flat_view(cube)
+    M2 = None if masks is None else _flat_view(masks)
+    U2 = None if uncs is None else _flat_view(uncs)
     om = np.empty(npix, np.float32)
     ou = np.empty(npix, np.float32)
     oc = np.empty(npix, cnt_dtype)
-    _run_2d(kern, X2, M2, U2, om, ou, oc)
+    nthreads = max(1, min(nthreads, -(-npix // chunk)))
+    # contiguous, chunk-aligned share of the pixels per thread
+    per = -(-(-(-npix // chunk)) // nthreads) * chunk
+
+    def work(t):
+        kern = _make_kernel(n, k, chunk, sc, w, uncs is not None, unc_from)
+        _run_2d(kern, X2, M2, U2, om, ou, oc, t * per, min(npix, (t + 1) * per))
+
+    _run_threads(work, nthreads)
     return om.reshape(img_shape), ou.reshape(img_shape), oc.reshape(img_shape)
 
 
@@ -827,18 +1039,22 @@ class StripSource(Protocol):
     """What :func:`combine` needs from a frame.
 
     Required: ``shape`` (ny, nx) and ``read(y0, y1)`` returning the rows
-    ``y0:y1`` as an array (ny1, nx) in data units, or a tuple ``(data, mask)``
-    with a boolean mask (True = bad) or None.
+    ``y0:y1`` as an array (y1 - y0, nx) in data units, or a tuple
+    ``(data, mask)`` with a boolean mask (True = bad) or None.
 
     Optional, used when present:
 
     - ``read_into(y0, y1, out) -> mask or None``: write the rows into the float32
       array ``out`` (no temporary strip);
-    - ``read_unc(y0, y1) -> ndarray``: 1-sigma uncertainty rows (data units);
-    - ``has_mask`` (bool): whether ``read`` may return masks (assumed True);
-    - ``transient_bytes(nrows) -> int``: extra memory (bytes) a read of ``nrows``
-      rows may allocate (assumed 9 bytes/pixel for sources without
+    - ``read_unc(y0, y1) -> ndarray``: 1-sigma uncertainty rows (data units),
+      used when every source has it (``has_unc``, default: whether ``read_unc``
+      exists, is True);
+    - ``has_mask`` (bool): whether reads may return masks (assumed True);
+    - ``transient_bytes(nrows) -> int``: peak extra memory (bytes) a read of
+      ``nrows`` rows may allocate (assumed ``9 * nrows * nx`` for sources without
       ``read_into``: a float64 strip and a mask);
+    - ``thread_safe`` (bool): reads of different row ranges may run
+      concurrently (assumed False: reads of such sources are serialised);
     - ``name``: used in error messages.
     """
 
@@ -849,15 +1065,16 @@ class StripSource(Protocol):
 
 @dataclass
 class StripPlan:
-    """How :func:`combine` splits the work (all sizes in bytes unless stated)."""
+    """How :func:`combine` splits the work (sizes in bytes unless stated)."""
 
     strip_rows: int       #: rows per strip
     nstrips: int          #: number of strips
+    threads: int          #: worker threads (each with its own strip buffers)
     chunk_pixels: int     #: pixels per kernel chunk
     output_bytes: int     #: data + unc + cnt arrays
-    strip_bytes: int      #: strip buffers (cube, masks, uncertainties)
-    workspace_bytes: int  #: kernel workspace
-    transient_bytes: int  #: largest source read transient
+    strip_bytes: int      #: strip buffers (cube, masks, uncertainties), all threads
+    workspace_bytes: int  #: kernel workspaces, all threads
+    transient_bytes: int  #: source read transients, all threads
     total_bytes: int      #: sum of the above, <= mem_limit
 
 
@@ -903,7 +1120,7 @@ def _src_name(src, i: int) -> str:
 def plan_strips(shape, nframes: int, mem_limit: int = DEFAULT_MEM_LIMIT, *,
                 has_mask: bool = True, with_unc: bool = False, weighted: bool = False,
                 read_bytes_per_row: int = 0, transient_fixed: int = 0,
-                chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+                chunk_pixels: int = DEFAULT_CHUNK_PIXELS, threads: int = 1,
                 max_strip_bytes: int = MAX_STRIP_BYTES) -> StripPlan:
     """Choose the strip height so that everything fits in ``mem_limit``.
 
@@ -914,7 +1131,7 @@ def plan_strips(shape, nframes: int, mem_limit: int = DEFAULT_MEM_LIMIT, *,
     nframes : int
         Number of frames N.
     mem_limit : int
-        Bound in bytes on outputs + strip buffers + workspace + read transients.
+        Bound in bytes on outputs + strip buffers + workspaces + read transients.
     has_mask, with_unc, weighted : bool
         Whether mask / uncertainty strip buffers and weighted sums are needed.
     read_bytes_per_row : int
@@ -923,9 +1140,11 @@ def plan_strips(shape, nframes: int, mem_limit: int = DEFAULT_MEM_LIMIT, *,
         Largest row-independent transient (bytes) of a source (e.g. a
         decompression buffer).
     chunk_pixels : int
-        Preferred kernel chunk (reduced if the workspace would not fit).
+        Preferred kernel chunk (reduced if the workspaces would not fit).
+    threads : int
+        Worker threads; each has its strip buffers, workspace and transients.
     max_strip_bytes : int
-        Strip buffers are not made larger than this.
+        Per-thread strip buffers are not made larger than this.
 
     Returns
     -------
@@ -938,40 +1157,43 @@ def plan_strips(shape, nframes: int, mem_limit: int = DEFAULT_MEM_LIMIT, *,
     """
     ny, nx = (int(v) for v in shape)
     n = int(nframes)
+    t = _check_threads(threads)
     cnt_size = 4 if n > 32767 else 2
     out_bytes = ny * nx * (4 + 4 + cnt_size)
     per_row = nx * (4 * n + (n if has_mask else 0) + (4 * n if with_unc else 0))
     per_row_total = per_row + int(read_bytes_per_row)
-    free = int(mem_limit) - out_bytes - int(transient_fixed)
+    free = int(mem_limit) - out_bytes - t * int(transient_fixed)
     chunk = max(1, min(int(chunk_pixels), ny * nx))
     ws = workspace_bytes(n, chunk, weighted=weighted, with_unc=with_unc)
-    while chunk > 1024 and ws > max(free // 4, 0):
+    while chunk > 1024 and t * ws > max(free // 4, 0):
         chunk //= 2
         ws = workspace_bytes(n, chunk, weighted=weighted, with_unc=with_unc)
-    rows = (free - ws) // per_row_total if per_row_total > 0 else ny
+    rows = (free - t * ws) // (t * per_row_total) if per_row_total > 0 else ny
     if rows < 1:
         raise ValueError(
-            f"mem_limit={int(mem_limit)} bytes is too small for {n} frames of {ny}x{nx}: "
-            f"outputs need {out_bytes}, the workspace {ws}, read transients "
-            f"{int(transient_fixed)} + {per_row_total} per row of strip")
-    rows = min(rows, ny, max(1, int(max_strip_bytes) // max(per_row, 1)))
+            f"mem_limit={int(mem_limit)} bytes is too small for {n} frames of {ny}x{nx} "
+            f"with {t} thread(s): outputs need {out_bytes}, each workspace {ws}, read "
+            f"transients {int(transient_fixed)} + {per_row_total} bytes per strip row")
+    rows = min(rows, -(-ny // t), max(1, int(max_strip_bytes) // max(per_row, 1)))
     nstrips = -(-ny // rows)
-    strip_bytes = rows * per_row
-    total = out_bytes + strip_bytes + ws + int(transient_fixed) + rows * int(read_bytes_per_row)
-    return StripPlan(strip_rows=rows, nstrips=nstrips, chunk_pixels=chunk,
-                     output_bytes=out_bytes, strip_bytes=strip_bytes, workspace_bytes=ws,
-                     transient_bytes=int(transient_fixed) + rows * int(read_bytes_per_row),
-                     total_bytes=total)
+    t = min(t, nstrips)
+    transient = t * (int(transient_fixed) + rows * int(read_bytes_per_row))
+    total = out_bytes + t * (rows * per_row + ws) + transient
+    return StripPlan(strip_rows=rows, nstrips=nstrips, threads=t, chunk_pixels=chunk,
+                     output_bytes=out_bytes, strip_bytes=t * rows * per_row,
+                     workspace_bytes=t * ws, transient_bytes=transient, total_bytes=total)
 
 
 def combine(sources: Sequence[StripSource], nsigma: float, *,
             mem_limit: int = DEFAULT_MEM_LIMIT, scales=None, weights=None,
-            unc_from: str = "scatter", chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
+            unc_from: str = "scatter", threads: int = 1,
+            chunk_pixels: int = DEFAULT_CHUNK_PIXELS,
             max_strip_bytes: int = MAX_STRIP_BYTES) -> CombineResult:
     """Sigma-clipped mean of frames read strip by strip within a memory bound.
 
     The driver does no file I/O itself: each source reads its own rows.  The
-    estimator is the one of :func:`clipped_mean` (module docstring).
+    estimator is the one of :func:`clipped_mean` (module docstring); results do
+    not depend on ``mem_limit``, ``threads`` or ``chunk_pixels``.
 
     Parameters
     ----------
@@ -982,18 +1204,22 @@ def combine(sources: Sequence[StripSource], nsigma: float, *,
         :data:`KPF_NSIGMA`.
     mem_limit : int, optional
         Bound in bytes on everything allocated here: outputs (10 bytes per
-        pixel), strip buffers, kernel workspace and the sources' declared read
-        transients.  Interpreter and module memory are not included.
+        pixel), strip buffers, kernel workspaces and the sources' declared read
+        transients.  The interpreter and imported modules are not included.
     scales, weights : sequence of float, optional
         Per-frame scale factors and weights (see :func:`clipped_mean`).
     unc_from : {'scatter', 'input'}
         'input' needs every source to have ``read_unc``; with 'scatter' the
         input uncertainties are still used for single-survivor pixels when all
         sources provide them.
+    threads : int, optional
+        Worker threads; each reads and combines whole strips with its own
+        buffers (so reading overlaps computing).  Reads of sources that do not
+        declare ``thread_safe = True`` are serialised.
     chunk_pixels : int, optional
         Preferred kernel chunk size, pixels.
     max_strip_bytes : int, optional
-        Cap on the strip buffers, bytes.
+        Cap on each thread's strip buffers, bytes.
 
     Returns
     -------
@@ -1003,11 +1229,15 @@ def combine(sources: Sequence[StripSource], nsigma: float, *,
     ------
     ValueError
         Empty ``sources``; a source whose shape differs from the first one (the
-        message names it); bad ``nsigma``, ``scales``, ``weights`` or
-        ``unc_from``; ``mem_limit`` too small.
+        message names it); bad ``nsigma``, ``scales``, ``weights``, ``threads``
+        or ``unc_from``; ``mem_limit`` too small; a source returning a strip of
+        the wrong shape.
     """
+    import threading
+
     k = _check_nsigma(nsigma)
     unc_from = _check_unc_from(unc_from)
+    nthreads = _check_threads(threads)
     srcs = list(sources)
     if not srcs:
         raise ValueError("combine needs at least one source, got an empty list")
@@ -1022,11 +1252,14 @@ def combine(sources: Sequence[StripSource], nsigma: float, *,
     n = len(srcs)
     sc = _as_vector("scales", scales, n, positive=False)
     w = _as_vector("weights", weights, n, positive=True)
-    have_unc = all(hasattr(s, "read_unc") for s in srcs)
+    def _has_unc(s):
+        return bool(getattr(s, "has_unc", hasattr(s, "read_unc")))
+
+    have_unc = all(_has_unc(s) for s in srcs)
     if unc_from == "input" and not have_unc:
-        bad = [i for i, s in enumerate(srcs) if not hasattr(s, "read_unc")]
+        bad = next(i for i, s in enumerate(srcs) if not _has_unc(s))
         raise ValueError(f"unc_from='input' needs read_unc() on every source; "
-                         f"{_src_name(srcs[bad[0]], bad[0])} has none")
+                         f"{_src_name(srcs[bad], bad)} has none")
     has_mask = any(bool(getattr(s, "has_mask", True)) for s in srcs)
     ny, nx = shp0
 
@@ -1034,7 +1267,7 @@ def combine(sources: Sequence[StripSource], nsigma: float, *,
         f = getattr(s, "transient_bytes", None)
         if f is not None:
             return int(f(rows))
-        return rows * nx * (9 if not hasattr(s, "read_into") else 0)
+        return 0 if hasattr(s, "read_into") else rows * nx * 9
 
     fixed = max(tb(s, 0) for s in srcs)
     per_row = max(tb(s, 1) - tb(s, 0) for s in srcs)
@@ -1042,59 +1275,84 @@ def combine(sources: Sequence[StripSource], nsigma: float, *,
         per_row += 8 * nx  # read_unc strips are returned arrays (float64 at worst)
     plan = plan_strips(shp0, n, mem_limit, has_mask=has_mask, with_unc=have_unc,
                        weighted=w is not None, read_bytes_per_row=per_row,
-                       transient_fixed=fixed, chunk_pixels=chunk_pixels,
+                       transient_fixed=fixed, chunk_pixels=chunk_pixels, threads=nthreads,
                        max_strip_bytes=max_strip_bytes)
     cnt_dtype = np.int32 if n > 32767 else np.int16
     data = np.empty((ny, nx), np.float32)
     unc = np.empty((ny, nx), np.float32)
     cnt = np.empty((ny, nx), cnt_dtype)
     h = plan.strip_rows
-    cube = np.empty((n, h, nx), np.float32)
-    mbuf = np.zeros((n, h, nx), bool) if has_mask else None
-    ubuf = np.empty((n, h, nx), np.float32) if have_unc else None
-    kern = _make_kernel(n, k, plan.chunk_pixels, sc, w, have_unc, unc_from, cnt_dtype)
-    for y0 in range(0, ny, h):
-        y1 = min(ny, y0 + h)
-        hh = y1 - y0
-        any_mask = False
-        for i, s in enumerate(srcs):
-            dst = cube[i, :hh]
-            if hasattr(s, "read_into"):
-                mk = s.read_into(y0, y1, dst)
-            else:
-                got = s.read(y0, y1)
-                mk = None
-                if isinstance(got, tuple):
-                    got, mk = got
-                got = np.asarray(got)
-                if got.shape != (hh, nx):
-                    raise ValueError(f"{_src_name(s, i)}.read({y0}, {y1}) returned shape "
-                                     f"{got.shape}, expected {(hh, nx)}")
-                np.copyto(dst, got, casting="unsafe")
-                del got
-            if mbuf is not None:
-                if mk is None:
-                    mbuf[i, :hh] = False
+    state = {"next": 0}
+    state_lock = threading.Lock()
+    read_lock = threading.Lock()
+    serial = [not bool(getattr(s, "thread_safe", False)) for s in srcs]
+
+    def work(_t):
+        cube = np.empty((n, h, nx), np.float32)
+        mbuf = np.empty((n, h, nx), bool) if has_mask else None
+        ubuf = np.empty((n, h, nx), np.float32) if have_unc else None
+        kern = _make_kernel(n, k, plan.chunk_pixels, sc, w, have_unc, unc_from)
+        while True:
+            with state_lock:
+                si = state["next"]
+                state["next"] += 1
+            y0 = si * h
+            if y0 >= ny:
+                return
+            y1 = min(ny, y0 + h)
+            hh = y1 - y0
+            any_mask = False
+            for i, s in enumerate(srcs):
+                if serial[i] and plan.threads > 1:
+                    with read_lock:
+                        any_mask |= _read_one(s, i, y0, y1, nx, cube, mbuf, ubuf)
                 else:
-                    mk = np.asarray(mk)
-                    if mk.shape != (hh, nx):
-                        raise ValueError(f"{_src_name(s, i)} returned a mask of shape "
-                                         f"{mk.shape}, expected {(hh, nx)}")
-                    np.not_equal(mk, 0, out=mbuf[i, :hh])
-                    any_mask = True
-            elif mk is not None:
-                raise ValueError(f"{_src_name(s, i)} returned a mask but declares has_mask=False")
-            if ubuf is not None:
-                u = np.asarray(s.read_unc(y0, y1))
-                if u.shape != (hh, nx):
-                    raise ValueError(f"{_src_name(s, i)}.read_unc({y0}, {y1}) returned shape "
-                                     f"{u.shape}, expected {(hh, nx)}")
-                np.copyto(ubuf[i, :hh], u, casting="unsafe")
-                del u
-        X2 = _flat_view(cube[:, :hh], "cube")
-        M2 = _flat_view(mbuf[:, :hh], "masks") if any_mask else None
-        U2 = _flat_view(ubuf[:, :hh], "uncs") if ubuf is not None else None
-        _run_2d(kern, X2, M2, U2, data[y0:y1].reshape(-1), unc[y0:y1].reshape(-1),
-                cnt[y0:y1].reshape(-1))
+                    any_mask |= _read_one(s, i, y0, y1, nx, cube, mbuf, ubuf)
+            X2 = _flat_view(cube[:, :hh])
+            M2 = _flat_view(mbuf[:, :hh]) if any_mask else None
+            U2 = _flat_view(ubuf[:, :hh]) if ubuf is not None else None
+            _run_2d(kern, X2, M2, U2, data[y0:y1].reshape(-1), unc[y0:y1].reshape(-1),
+                    cnt[y0:y1].reshape(-1))
+
+    _run_threads(work, plan.threads)
     return CombineResult(data=data, unc=unc, cnt=cnt, nframes=n, nsigma=k,
                          clip_factor=clip_variance_factor(k), unc_from=unc_from, plan=plan)
+
+
+def _read_one(s, i, y0, y1, nx, cube, mbuf, ubuf) -> bool:
+    """Read rows y0:y1 of source i into the strip buffers; True if a mask came back."""
+    hh = y1 - y0
+    dst = cube[i, :hh]
+    if hasattr(s, "read_into"):
+        mk = s.read_into(y0, y1, dst)
+    else:
+        got = s.read(y0, y1)
+        mk = None
+        if isinstance(got, tuple):
+            got, mk = got
+        got = np.asarray(got)
+        if got.shape != (hh, nx):
+            raise ValueError(f"{_src_name(s, i)}.read({y0}, {y1}) returned shape "
+                             f"{got.shape}, expected {(hh, nx)}")
+        np.copyto(dst, got, casting="unsafe")
+        del got
+    masked = False
+    if mbuf is not None:
+        if mk is None:
+            mbuf[i, :hh] = False
+        else:
+            mk = np.asarray(mk)
+            if mk.shape != (hh, nx):
+                raise ValueError(f"{_src_name(s, i)} returned a mask of shape "
+                                 f"{mk.shape}, expected {(hh, nx)}")
+            np.not_equal(mk, 0, out=mbuf[i, :hh])
+            masked = True
+    elif mk is not None:
+        raise ValueError(f"{_src_name(s, i)} returned a mask but declares has_mask=False")
+    if ubuf is not None:
+        u = np.asarray(s.read_unc(y0, y1))
+        if u.shape != (hh, nx):
+            raise ValueError(f"{_src_name(s, i)}.read_unc({y0}, {y1}) returned shape "
+                             f"{u.shape}, expected {(hh, nx)}")
+        np.copyto(ubuf[i, :hh], u, casting="unsafe")
+    return masked

@@ -27,8 +27,9 @@ def doit_config(night) -> dict:
 def night_tasks(dodo_file) -> dict:
     """``DOIT_CONFIG`` and the ``task_*`` generators of the night holding ``dodo_file``."""
     from ..night import Night
-    from . import inventory
+    from . import calib, inventory
     night = Night(Path(dodo_file))
     out = {"DOIT_CONFIG": doit_config(night)}
     out["task_inventory"] = inventory.make_task_generator(night)
+    out["task_calib"] = calib.make_task_generator(night)
     return out

@@ -22,7 +22,8 @@ class RawUnchanged:
 
 
 def _cache_key(night) -> str:
-    return night.digest("inventory", night.profile.raw) + night.utdate
+    from .. import __version__
+    return night.digest("inventory", night.profile.raw) + night.utdate + __version__
 
 
 def run_inventory(night_dir: str) -> dict:

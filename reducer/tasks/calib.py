@@ -1,0 +1,223 @@
+"""doit tasks: one master per calibration set (``doit calib``, ``doit calib:<set>``).
+
+Which master a set (or later a science frame) uses is decided here, in this order:
+
+1. a master pinned in ``night.toml`` (``[pin] bias = "/path"`` or by set name);
+2. tonight's master of the matching set, when tonight has enough frames for it and it
+   passes verification;
+3. the certified master of the same type and set key nearest in time in the registry
+   (before or after the night; earlier preferred at equal distance; ``[calib]
+   earlier_only = true`` restricts to earlier ones), within the type's maximum age, never
+   one marked bad.
+
+The choice (file, night, age) goes into the product's header and the master's sidecar JSON.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from doit import create_after
+
+#: maximum age (days) of a fallback master, per type
+DEFAULT_MAX_AGE_DAYS = {"bias": 90.0, "dark": 365.0, "flat": 180.0, "arc": 30.0}
+#: masters each type applies
+NEEDS = {"bias": (), "dark": ("bias",), "flat": ("bias", "dark"), "arc": ("bias", "dark", "flat")}
+
+
+@dataclass(frozen=True)
+class MasterChoice:
+    """A master chosen for some use."""
+
+    imtype: str
+    path: str
+    origin: str          # 'tonight', 'fallback' or 'pinned'
+    night: str
+    age_days: float = 0.0
+
+    def header_entry(self):
+        """(role, file name, origin text) for :func:`reducer.fitsio.add_provenance`."""
+        text = self.origin if self.origin != "fallback" else \
+            f"fallback from {self.night}, {abs(self.age_days):.1f} d {'before' if self.age_days >= 0 else 'after'}"
+        return (self.imtype, Path(self.path).name, text)
+
+
+def masters_dir(night) -> Path:
+    return night.dir / "masters"
+
+
+def registry_set_key(key: dict) -> dict:
+    """The calibration-set key as registered (empty values dropped)."""
+    return {k: v for k, v in key.items() if v}
+
+
+def max_age(settings: dict, imtype: str) -> float:
+    return float({**DEFAULT_MAX_AGE_DAYS, **settings.get("calib", {}).get("max_age_days", {})}[imtype])
+
+
+def fallback(night, imtype: str, key: dict, mjd: float) -> MasterChoice | None:
+    """The registry's nearest certified master of this set, or ``None``."""
+    from ..registry import Registry
+    settings = night.settings
+    with Registry(night.site.registry_url) as reg:
+        hit = reg.nearest(night.profile.name, imtype, registry_set_key(key), mjd,
+                          max_age_days=max_age(settings, imtype),
+                          earlier_only=bool(settings.get("calib", {}).get("earlier_only", False)),
+                          exclude_night=night.utdate)
+    if hit is None:
+        return None
+    return MasterChoice(imtype, str(hit.path), "fallback", hit.night, float(hit.age_days))
+
+
+def choose(night, sets, imtype: str, key: dict, mjd: float, *, runtime: bool = False) -> MasterChoice | None:
+    """Choose the master of ``imtype`` matching ``key`` (see the module docstring).
+
+    With ``runtime=True`` tonight's master counts only once built and verified (PASS);
+    at task-creation time its future target is returned so doit orders the tasks.
+    """
+    from ..masters import buildable, matching_set
+    pins = night.settings.get("pin", {})
+    cs = matching_set(sets, imtype, key, night.settings)
+    for k in ([cs.name] if cs else []) + [imtype]:
+        if k in pins:
+            return MasterChoice(imtype, str(Path(pins[k]).expanduser()), "pinned", "", 0.0)
+    if cs is not None and buildable(cs, night.settings) is None:
+        path = masters_dir(night) / cs.filename
+        if not runtime or _verified(path):
+            return MasterChoice(imtype, str(path), "tonight", night.utdate, 0.0)
+    want = cs.key if cs is not None else _project(key, night.settings, imtype)
+    return fallback(night, imtype, want, mjd)
+
+
+def _project(key: dict, settings: dict, imtype: str) -> dict:
+    from ..masters import calib_settings
+    return {k: key.get(k, "") for k in calib_settings(settings)["set_keys"][imtype]}
+
+
+def _verified(path: Path) -> bool:
+    import json
+    side = Path(path).with_suffix(".json")
+    if not Path(path).is_file() or not side.is_file():
+        return False
+    return json.loads(side.read_text()).get("verification", {}).get("passed", False)
+
+
+def night_mid_mjd(night) -> float:
+    from ..nights import night_bounds
+    from ..inventory import mjd_of
+    a, b = night_bounds(night.utdate, night.profile.site)
+    return 0.5 * (mjd_of(a) + mjd_of(b))
+
+
+def _load_sets(night):
+    from ..inventory import read_nightlog
+    from ..masters import calibration_sets
+    if not night.nightlog.is_file():
+        return [], []
+    frames = read_nightlog(night.nightlog)
+    return frames, calibration_sets(frames, night.settings)
+
+
+class DigestUnchanged:
+    """doit ``uptodate``: the stage's settings digest is the one the target was built with."""
+
+    def __init__(self, digest: str):
+        self.digest = digest
+
+    def __call__(self, task, values):
+        return values.get("digest") == self.digest
+
+
+def run_master(night_dir: str, set_name: str) -> dict:
+    """doit action: build, verify, certify one master; print one line."""
+    from ..night import Night
+    from ..masters import build_master, write_sidecar
+    night = Night(night_dir)
+    _, sets = _load_sets(night)
+    cs = next(s for s in sets if s.name == set_name)
+    mjd = sum(f.mjd for f in cs.frames) / len(cs.frames)
+    used = {}
+    for need in NEEDS[cs.imtype]:
+        ch = choose(night, sets, need, cs.key, mjd, runtime=True)
+        if ch is None and need == "bias" and cs.imtype != "bias":
+            if not any(d.biassec for d in night.profile.detectors):
+                raise SystemExit(f"calib {set_name}: no master bias tonight nor by fallback and no "
+                                 f"overscan: cannot build the {cs.imtype}")
+        if ch is not None:
+            used[need] = ch
+    out = masters_dir(night) / cs.filename
+    built = build_master(cs, night=night, out_path=out,
+                         **{k: Path(v.path) for k, v in used.items()},
+                         masters_info=[c.header_entry() for c in used.values()])
+    ver = verify_built(night, cs, built, used)
+    write_sidecar(out.with_suffix(".json"), {
+        "set": cs.name, "imtype": cs.imtype, "key": cs.key, "night": night.utdate,
+        "inputs": [f.file for f in cs.frames], "excluded": cs.excluded,
+        "masters_used": {k: asdict(v) for k, v in used.items()},
+        "nframes": built.nframes, "fewframes": built.fewframes, "infobits": built.infobits,
+        "verification": ver,
+    })
+    status = "PASS" if ver["passed"] else "FAIL " + ",".join(ver["failed"])
+    uses = "; ".join(f"{k} {Path(v.path).name} ({v.header_entry()[2]})" for k, v in used.items())
+    print(f"master {cs.name}: {built.nframes} frames, verification {status}"
+          f"{'; uses ' + uses if uses else ''}")
+    if ver["passed"]:
+        _certify(night, cs, out, built, ver)
+    return {"digest": night.digest("calib")}
+
+
+def _certify(night, cs, out: Path, built, ver) -> None:
+    from ..registry import Registry
+    from .. import __version__
+    frames = cs.frames
+    mjds = [f.mjd for f in frames]
+    with Registry(night.site.registry_url) as reg:
+        reg.certify(out, night.site.path("masters_store"), instrument=night.profile.name,
+                    imtype=cs.imtype, set_key=registry_set_key(cs.key), night=night.utdate,
+                    mjd_min=min(mjds), mjd_max=max(mjds), mjd_mid=sum(mjds) / len(mjds),
+                    nframes=built.nframes, verification="PASS", details=ver,
+                    reducer_version=__version__)
+
+
+def verify_built(night, cs, built, used) -> dict:
+    """Verify a freshly built master (see :mod:`reducer.verify`); a JSON-able summary."""
+    import numpy as np
+    from astropy.io import fits
+    checks = []
+    with fits.open(built.path) as h:
+        for det in night.profile.detectors:
+            data = h[det.name].data
+            frac = float(np.mean(np.isfinite(data)))
+            checks.append({"name": f"{det.name}:FINITE", "passed": frac > 0.99, "value": frac,
+                           "threshold": "> 0.99"})
+    failed = [c["name"] for c in checks if not c["passed"]]
+    return {"passed": not failed, "failed": failed, "checks": checks}
+
+
+def make_task_generator(night):
+    @create_after(executed="inventory")
+    def task_calib():
+        """Master calibrations: one per calibration set, verified and certified."""
+        from ..masters import buildable
+        frames, sets = _load_sets(night)
+        digest = night.digest("calib")
+        mjd = night_mid_mjd(night)
+        for cs in sets:
+            if buildable(cs, night.settings) is not None:
+                continue
+            deps = [str(night.raw_dir / f.file) for f in cs.frames]
+            for need in NEEDS[cs.imtype]:
+                ch = choose(night, sets, need, cs.key, mjd)
+                if ch is not None:
+                    deps.append(ch.path)
+            out = masters_dir(night) / cs.filename
+            yield {
+                "name": cs.name,
+                "actions": [(run_master, [str(night.dir), cs.name])],
+                "file_dep": deps,
+                "targets": [str(out), str(out.with_suffix(".json"))],
+                "uptodate": [DigestUnchanged(digest)],
+                "clean": True,
+                "doc": f"master {cs.imtype} from {len(cs.frames)} frames",
+            }
+    return task_calib
