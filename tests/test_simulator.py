@@ -6,6 +6,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import re
 import time
 import tomllib
@@ -41,7 +42,7 @@ def profile():
 def night(tmp_path_factory):
     """A small-frame night with every kind of frame."""
     base = tmp_path_factory.mktemp("night")
-    return make_night(base / "raw", seed=3, shape=SMALL, flat_kind="both", include_arcs=True)
+    return make_night(base / "raw", seed=int(os.environ.get("SIMSEED", 3)), shape=SMALL, flat_kind="both", include_arcs=True)
 
 
 def _quick_targets():
@@ -297,8 +298,9 @@ def test_flats_follow_the_truth_response(night):
             core = (resp > 0.5)
             # what is left is photon noise (~0.7 % per frame, ~0.6 % for a median of 3)
             assert np.std(ratio[core]) < 0.012
-            # the vignetting is in the response: corners darker than the centre
-            assert resp[geom["shape"][0] // 2, nd // 2] > resp[0, 0] or det == "CCD2"
+            # the vignetting is in the response: outer corners darker than the centre
+            outer = resp[:8, :8] if det == "CCD1" else resp[:8, -8:]
+            assert np.median(outer) < np.median(resp[geom["shape"][0] // 2 - 4:, :][:8, nd // 2 - 4:][:, :8]) - 0.02
         assert all(15000 < lv < 32000 for lv in levels), levels
         if kind == "sky":
             exps = [fr["exptime"] for fr in frs]
@@ -375,7 +377,7 @@ def _calibrated(night, fr, det):
     return img * h["GAIN"] / night.calib_image("flat_response", det, fr["filter"]), h
 
 
-def _isolated_bright(night, fr, det, flux_min=2e4, margin=16, sep=14.0):
+def _isolated_bright(night, fr, det, flux_min=3e4, margin=16, sep=14.0):
     st = fr["detectors"][det]["stars"]
     x, y, f, sat = (np.asarray(st[k]) for k in ("x", "y", "flux", "saturated"))
     ny = night.truth["geometry"]["shape"][0]
@@ -405,7 +407,7 @@ def test_star_centroids_and_fluxes_match_truth(night):
     nstars = 0
     ratios = []
     frames = night.frames("science", object="DEMO-FIELD") + night.frames("standard")
-    for fr in frames + night.frames("science", object="DEMO-TRANSIT")[:6]:
+    for fr in frames + night.frames("science", object="DEMO-TRANSIT")[:12]:
         alpha = fr["fwhm_px"] / (2 * math.sqrt(2 ** (1 / fr["beta"]) - 1))
         for det in ("CCD1", "CCD2"):
             img, h = _calibrated(night, fr, det)
@@ -430,7 +432,7 @@ def test_star_centroids_and_fluxes_match_truth(night):
                 assert abs(flux - expect) < 5 * sigma + 0.01 * expect, (fr["file"], det, j)
                 ratios.append(flux / expect)
                 nstars += 1
-    assert nstars >= 10
+    assert nstars >= 8
     assert abs(np.median(ratios) - 1) < 0.01
 
 
@@ -582,15 +584,20 @@ def test_planted_bias_level_shift(tmp_path, kw, kind):
     (p,) = n.truth["planted"]
     assert p["kind"] == kind
     lv = n.truth["detectors"]["CCD1"]["bias_level"]
+    ov, dat = {}, {}
     for fr in n.frames("bias"):
         d, _, _ = _load(n, fr, "CCD1")
-        ov = d[:, nd + ntr:].mean() - lv - fr["detectors"]["CCD1"]["overscan"]["mean"]
-        dat = d[:, :nd].mean() - d[:, nd + ntr:].mean()
-        bad = fr["file"] == p["file"]
-        if kind == "level_shift":
-            assert abs(ov - (60.0 if bad else 0.0)) < 2.0 or not bad
-        else:
-            assert (dat > 20) == bad
+        ov[fr["file"]] = d[:, nd + ntr:].mean() - lv
+        dat[fr["file"]] = d[:, :nd].mean() - d[:, nd + ntr:].mean()
+        # the truth's overscan mean includes a planted level shift
+        assert ov[fr["file"]] == pytest.approx(fr["detectors"]["CCD1"]["overscan"]["mean"], abs=1.0)
+    others = [k for k in ov if k != p["file"]]
+    if kind == "level_shift":
+        assert ov[p["file"]] > max(ov[k] for k in others) + 40
+        assert abs(dat[p["file"]] - np.mean([dat[k] for k in others])) < 2
+    else:
+        assert dat[p["file"]] > max(dat[k] for k in others) + 25
+        assert abs(ov[p["file"]] - np.mean([ov[k] for k in others])) < 10
 
 
 def test_too_few_biases_and_bad_flat(tmp_path):
@@ -606,6 +613,8 @@ def test_arcs(night, profile):
     arcs = night.frames("arc")
     assert len(arcs) == 3 and all(a["object"] == "ArNe" for a in arcs)
     lines = arcs[0]["arc_lines"]
+    gain = {k: v["gain"] for k, v in night.truth["detectors"].items()}
+    nchecked = 0
     for det, off in (("CCD1", 0.0), ("CCD2", night.truth["detectors"]["CCD2"]["offset"][0])):
         d, _, _ = _load(night, arcs[0], det)
         prof = np.median(d[:, :nd], axis=0)
@@ -613,7 +622,10 @@ def test_arcs(night, profile):
         for fx, rate in zip(lines["focal_x"], lines["rate"]):
             x = fx - off
             if 3 < x < nd - 4 and rate > 1000:
-                assert prof[int(round(x))] > 0.2 * rate * arcs[0]["exptime"] / 1.6 * 0.2
+                # >= ~25 % of a line's flux falls in its central column
+                assert prof[int(round(x))] > 0.2 * rate * arcs[0]["exptime"] / gain[det]
+                nchecked += 1
+    assert nchecked >= 3
 
 
 # --------------------------------------------------------------------------- default size, CLI
