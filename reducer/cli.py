@@ -126,7 +126,9 @@ def cmd_demo(args) -> int:
 
 def cmd_calib(args) -> int:
     from .registry_cli import run
-    return run(args, _site(args).registry_url if not getattr(args, "registry", None) else args.registry)
+    site = _site(args)
+    return run(args, site.registry_url, store_dir=site.path("masters_store"),
+               instrument=site.data.get("instrument") or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,12 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from .registry_cli import add_subcommands
-    except ImportError:
-        add_subcommands = None
-    if add_subcommands is not None:
-        add_subcommands(sub)
+    from .registry_cli import add_subcommands
+    add_subcommands(sub).set_defaults(func=cmd_calib)
     return ap
 
 

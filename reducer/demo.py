@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 DEMO_UTDATE = "20261120"
-#: the tasks the demo runs, in order; each later issue's user-facing tasks join this list
-DEMO_TASKS = (["inventory"],)
+#: the doit runs the demo makes, in order (each builds what it needs first)
+DEMO_TASKS = (["inventory"], ["calib"])
 
 
 def run_doit(night_dir: Path, *args: str) -> int:

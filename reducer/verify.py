@@ -15,8 +15,9 @@ Robust statistics
 * *MAD sigma*: ``1.4826 * median(|x - median(x)|)``, the Gaussian-equivalent
   sigma of the core of a distribution, insensitive to any outlier fraction
   below ~50 %.
-* *clipped sigma*: iterative clipping about the median at ``k`` sigma (until the
-  kept set no longer changes, at most 10 passes), standard deviation (ddof=1) of
+* *clipped sigma*: iterative clipping at ``k`` sigma (first about the median
+  with the MAD sigma, then about the survivors' mean with their sigma, until
+  the kept set no longer changes, at most 10 passes), standard deviation (ddof=1) of
   the survivors divided by ``sqrt(f(k))``, ``f(k) = 1 - 2 k phi(k) / (2 Phi(k) - 1)``,
   the variance kept by truncating a Gaussian at ``+-k`` sigma; so for Gaussian
   data the clipped sigma is an unbiased estimate of sigma (f(3) = 0.9733,
@@ -345,8 +346,9 @@ def clipped_stats(x, nsigma: float = 3.0, maxiters: int = 10) -> tuple[float, fl
 
     Notes
     -----
-    Clipping is about the median of the current survivors, starting from all
-    finite values with the MAD sigma as first scale.  NaN results when fewer
+    The first pass clips about the median of all finite values at ``nsigma``
+    MAD sigmas; later passes clip about the mean of the survivors of the
+    previous pass at ``nsigma`` clipped sigmas.  NaN results when fewer
     than two values survive.
     """
     mean, sigma, n, _ = _clip(_finite(x), nsigma, maxiters)
@@ -369,7 +371,7 @@ def _clip(v: np.ndarray, nsigma: float, maxiters: int = 10):
         if new.sum() < 2:
             break
         kept = v[new]
-        c = float(np.median(kept))
+        c = float(kept.mean())
         s = float(np.std(kept, ddof=1)) / corr
         changed = not np.array_equal(new, keep)
         keep = new
