@@ -10,9 +10,8 @@ ADU for raw frames), without holding the whole frame in memory:
     ``os.preadv`` (``method='read'``), converts big-endian to native float32 and
     applies BSCALE/BZERO to that strip only.  Integer pixels equal to BLANK
     become NaN (treated as masked by the combine).  ``method='section'`` uses
-    astropy's ``ImageHDU.section`` on a memory-mapped file; it is as fast but
-    the mapped pages of the whole file stay resident (they count in the
-    process RSS), so it is not the default.
+    astropy's ``ImageHDU.section`` (file opened without memmap: it seeks and
+    reads the rows, then scales them); it is slower because of the extra copies.
 :class:`CompressedFitsSource`
     A gzip/bzip2-compressed FITS file (``.fits.gz``, ``.fits.bz2``) or a
     tile-compressed image HDU (``.fits.fz``, astropy ``CompImageHDU``).  On the
@@ -38,7 +37,9 @@ also ``read_unc`` when built with ``unc_hdu``.  Sources are context managers.
 
 Measured on a 2-core VM, 20 float32 2048x4096 frames in the page cache, read
 by 256-row strips: ``mmap`` 0.10 s, ``read`` 0.19 s (a copy plus an in-place
-byteswap), ``section`` 0.10 s but 730 MiB resident.
+byteswap), ``section`` 0.20 s.  (astropy's section on a memory-mapped file is
+as fast as ``mmap`` but keeps every touched page of every file resident, 730 MiB
+here, and refuses scaled integer images, so it is not offered.)
 """
 from __future__ import annotations
 
@@ -265,6 +266,11 @@ class _RawImage:
                 mm.close()
             return
         # method == "read": positional read (no shared file position: thread safe)
+        if not out.flags.c_contiguous:
+            tmp = np.empty(out.shape, np.float32)
+            self.read_into(y0, y1, tmp)
+            np.copyto(out, tmp)
+            return
         if self.dtype == np.dtype(">f4") and not self._scaled:
             # straight into out, then swap the bytes in place
             self._pread(out.reshape(-1).view(np.uint8), start)
@@ -389,7 +395,7 @@ class FitsStripSource(_Closer):
                 if self._hdul is None:
                     from astropy.io import fits
 
-                    self._hdul = fits.open(self.path, memmap=True)
+                    self._hdul = fits.open(self.path, memmap=False)
                 sec = self._hdul[self.hdu].section[y0:y1]
             np.copyto(out, sec, casting="unsafe")
         else:
@@ -415,8 +421,8 @@ class FitsStripSource(_Closer):
     def transient_bytes(self, nrows: int) -> int:
         """Peak memory (bytes) a read of ``nrows`` rows allocates besides ``out``."""
         if self.method == "section":
-            # the whole file ends up mapped and resident
-            return int(os.path.getsize(self.path)) + nrows * self.shape[1] * 8
+            # astropy returns a new (scaled, possibly float64) array per read
+            return nrows * self.shape[1] * (8 + self._img.dtype.itemsize + 1)
         return self._img.transient_bytes(nrows)
 
     def close(self) -> None:
@@ -589,12 +595,18 @@ class CompressedFitsSource(_Closer):
         block, float32 copy) or the 1 MiB stream buffer, plus the read transient."""
         ny, nx = self.shape
         if self._stream and not self._tiled:
-            fixed = 2 * _COPY_BUF
-            per = nrows * nx * 9  # inner FITS read: raw strip + scaling/BLANK temporaries
+            # inner uncompressed read: mapped raw strip (<= 8 bytes/pixel), float64
+            # scaling temporary for 32/64-bit integers, BLANK mask
+            fixed = 2 * _COPY_BUF + mmap.ALLOCATIONGRANULARITY
+            per = nrows * nx * 17
         else:
             tr = max(self.tile_rows, 1)
             rows = max(tr, (self.block_bytes // (4 * nx)) // tr * tr)
-            fixed = 3 * 8 * min(rows, ny) * nx
+            # compressed bytes held while decompressing (the .fz file, or for a
+            # gzipped .fz its decompressed copy, bounded by 8 bytes/pixel), the
+            # decompressed block (raw tiles, scaled block, float32 copy)
+            held = ny * nx * 8 if self._stream else os.path.getsize(self.path)
+            fixed = held + 3 * 8 * min(rows, ny) * nx
             per = 0
         return fixed + per
 
@@ -657,7 +669,9 @@ def open_strip_source(path, hdu=None, **kwargs):
     hdu : int or str, optional
         HDU index or EXTNAME (default: first 2-D image).
     **kwargs
-        Passed to the class (``unc_hdu``, ``mask``, ``method`` or ``tmpdir``...).
+        Passed to the class (``unc_hdu``, ``mask``; ``method`` only to
+        :class:`FitsStripSource`, ``tmpdir`` and ``block_bytes`` only to
+        :class:`CompressedFitsSource`).
 
     Returns
     -------
@@ -667,11 +681,16 @@ def open_strip_source(path, hdu=None, **kwargs):
 
     p = Path(path)
     magic = _magic(p)
+    compressed_only = {"tmpdir", "block_bytes"}
+    plain_only = {"method"}
     if magic[:2] == _GZIP_MAGIC or magic == _BZ2_MAGIC:
-        return CompressedFitsSource(p, hdu, **kwargs)
-    with fits.open(p, memmap=False, lazy_load_hdus=True) as hdul:
-        idx = _pick_hdu(hdul, hdu, p)
-        tiled = type(hdul[idx]).__name__ == "CompImageHDU"
-    if tiled:
-        return CompressedFitsSource(p, hdu, **kwargs)
-    return FitsStripSource(p, hdu, **kwargs)
+        compressed = True
+    else:
+        with fits.open(p, memmap=False, lazy_load_hdus=True) as hdul:
+            idx = _pick_hdu(hdul, hdu, p)
+            compressed = type(hdul[idx]).__name__ == "CompImageHDU"
+    if compressed:
+        return CompressedFitsSource(p, hdu, **{k: v for k, v in kwargs.items()
+                                               if k not in plain_only})
+    return FitsStripSource(p, hdu, **{k: v for k, v in kwargs.items()
+                                      if k not in compressed_only})

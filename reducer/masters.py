@@ -179,14 +179,28 @@ class RawDetector:
 
 
 class ArraySource:
-    """A calibrated frame held in memory, served to the combine engine strip by strip."""
+    """A calibrated frame held in memory, served to the combine engine strip by strip.
 
-    def __init__(self, data: np.ndarray, mask: np.ndarray | None, name: str):
-        self.data, self.mask, self.name = data, mask, name
+    ``unc`` is the frame's own 1-sigma noise (ADU): the engine uses it where fewer than two
+    values survive (a master from a single frame gets an honest uncertainty plane).
+    """
+
+    def __init__(self, data: np.ndarray, mask: np.ndarray | None, name: str,
+                 unc: np.ndarray | None = None):
+        self.data, self.mask, self.name, self.unc = data, mask, name, unc
         self.shape = data.shape
 
     def read(self, y0: int, y1: int):
         return self.data[y0:y1], (None if self.mask is None else self.mask[y0:y1])
+
+    def read_unc(self, y0: int, y1: int):
+        return self.unc[y0:y1]
+
+
+def noise_model(signal_adu: np.ndarray, gain: float, rdnoise_e: float) -> np.ndarray:
+    """1-sigma noise of a frame (ADU): Poisson on the signal plus read noise."""
+    g = gain or 1.0
+    return np.sqrt(np.clip(signal_adu, 0, None) / g + (rdnoise_e / g) ** 2).astype(np.float32)
 
 
 def detector_inputs(profile, raw_dir: Path, frame, settings: dict) -> list[RawDetector]:
@@ -305,6 +319,8 @@ def build_master(cs: CalSet, *, night, out_path: Path, bias: Path | None = None,
         mf = _read_master(flat, det.name)[0] if flat else None
         for f, dets in zip(frames, inputs):
             img, mask = dets[d].load()
+            signal = img - mb if mb is not None else img
+            unc = noise_model(signal, det.gain or 1.0, det.rdnoise or 0.0)
             if mb is not None:
                 _same_shape(img, mb, f.file, bias)
                 img = img - mb
@@ -326,7 +342,10 @@ def build_master(cs: CalSet, *, night, out_path: Path, bias: Path | None = None,
                 scales.append(1.0 / med)
             else:
                 scales.append(1.0)
-            sources.append(ArraySource(img, mask, f.file))
+            if cs.imtype == "arc" and mf is not None:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    unc = unc / np.abs(mf)
+            sources.append(ArraySource(img, mask, f.file, unc))
         res = combine(sources, nsigma, mem_limit=mem, scales=scales)
         det_results[det.name] = res
         need = INFOBITS_MIN_SAMPLES[cs.imtype]

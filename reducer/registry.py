@@ -570,11 +570,28 @@ masters = sa.Table(
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _connection_record: Any) -> None:
-    # busy_timeout first: switching to WAL needs a lock another process may hold.
+    """Set the pragmas of a new SQLite connection (engine ``connect`` event)."""
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_MS)}")
-        cursor.execute("PRAGMA journal_mode = WAL")
+        # WAL is persistent in the file: only the first connection switches it.  The
+        # switch needs an exclusive lock and SQLite reports "database is locked" at
+        # once (without the busy handler) when other connections are opening the
+        # same fresh file, so retry until the busy timeout.
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000.0
+        delay = 0.005
+        while True:
+            try:
+                mode = str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+                if mode != "wal":  # ("memory" stays "memory" for in-memory databases)
+                    cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+                break
+            except dbapi_connection.OperationalError as exc:
+                text = str(exc).lower()
+                if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 0.1)
         cursor.execute("PRAGMA synchronous = NORMAL")
     finally:
         cursor.close()

@@ -47,7 +47,7 @@ is a number of frames; ``nsigma`` is dimensionless.
        var_corr = var / f(k)
        UNC      = sqrt(var_corr / CNT)
 
-   with phi, Phi the standard normal pdf and cdf (f(2.1) = 0.80843,
+   with phi, Phi the standard normal pdf and cdf (f(2.1) = 0.80842,
    see :func:`clip_variance_factor`).  For ``n <= 2`` (no clipping) ``f`` is
    taken as 1.  This is the standard error of the mean, in data units.
 
@@ -183,7 +183,7 @@ def clip_variance_factor(nsigma: float) -> float:
     float
         ``f(k) = 1 - 2 k phi(k) / (2 Phi(k) - 1)`` (dimensionless, in (0, 1)),
         the factor by which clipping at +-k sigma shrinks the variance.  E.g.
-        f(2.1) = 0.808431.
+        f(2.1) = 0.808424.
     """
     k = float(nsigma)
     if not (math.isfinite(k) and k > 0):
@@ -234,35 +234,28 @@ def _network(n: int, ranks: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
 
 
 @lru_cache(maxsize=256)
-def _partition_network(n: int, exact: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """Batcher network for ``n`` wires that leaves the ranks ``exact`` on their wires
-    and every run of ranks between them on its wires as a set (in any order).
+def _net_plan(n: int, pairs: tuple[tuple[int, int], ...]):
+    """Buffer assignment for applying ``pairs`` to n read-only source rows.
 
-    Pruning rule (sound): scanning backwards, a comparator whose two wires are not
-    used by a later kept comparator and lie in the same run only permutes values
-    within that run, so it is dropped.
+    Rows are numbered 0..n-1 (sources) and n..2n (buffer rows).  Returns
+    ``(ops, final)``: ``ops`` are (a, b, min_out, max_out) row numbers (max_out
+    may be b itself once b is a buffer row), ``final[r]`` the row holding wire r.
     """
-    ex = set(exact)
-    grp = []
-    g = 0
-    prev_exact = True
-    for r in range(n):
-        if r in ex:
-            grp.append(-1 - r)
-            prev_exact = True
+    where = list(range(n))           # wire -> row
+    free = list(range(2 * n, n - 1, -1))
+    ops = []
+    for i, j in pairs:
+        a, b = where[i], where[j]
+        lo_out = free.pop()
+        if b >= n:
+            hi_out = b
         else:
-            if prev_exact:
-                g += 1
-            grp.append(g)
-            prev_exact = False
-    final = [True] * n
-    kept = []
-    for i, j in reversed(_batcher_pairs(n)):
-        if final[i] and final[j] and grp[i] == grp[j]:
-            continue
-        kept.append((i, j))
-        final[i] = final[j] = False
-    return tuple(reversed(kept))
+            hi_out = free.pop()
+        ops.append((a, b, lo_out, hi_out))
+        if a >= n:
+            free.append(a)
+        where[i], where[j] = lo_out, hi_out
+    return tuple(ops), tuple(where)
 
 
 def _pct_index(n: int, q: float) -> tuple[int, int, float]:
@@ -348,35 +341,45 @@ def _exact_threshold(m: np.ndarray, bound: np.ndarray, low: bool,
 
     ``low``: smallest float32 x with fl64(m - x) <= bound; else the largest
     float32 x with fl64(x - m) <= bound (m, bound float64 arrays).  ``guess``
-    (float32, optional) is a nearby value used to start with a narrow bracket.
+    (float32, optional) is checked first and, if wrong, brackets the search.
     """
 
-    def pred(key):
+    def pred(key, mm, bd):
         x = _key_f32(key).astype(np.float64)
-        return ((m - x) <= bound) if low else ((x - m) <= bound)
+        return ((mm - x) <= bd) if low else ((x - mm) <= bd)
 
+    out = np.empty(m.shape, np.float32)
+    todo = np.arange(m.size)
     a = np.full(m.shape, _KEY_NEG_INF, np.int64)
     b = np.full(m.shape, _KEY_POS_INF, np.int64)
     if guess is not None:
         kg = _f32_key(guess)
-        ga = np.maximum(kg - 2, _KEY_NEG_INF)
-        gb = np.minimum(kg + 2, _KEY_POS_INF)
+        step = -1 if low else 1
+        done = pred(kg, m, bound) & ~pred(kg + step, m, bound)
+        out[done] = guess[done]
+        todo = np.flatnonzero(~done)
+        if todo.size == 0:
+            return out
         # a valid bracket has pred(a) == (not low) and pred(b) == low
-        good = (pred(ga) != low) & (pred(gb) == low)
-        a = np.where(good, ga, a)
-        b = np.where(good, gb, b)
+        ga = np.maximum(kg[todo] - 2, _KEY_NEG_INF)
+        gb = np.minimum(kg[todo] + 2, _KEY_POS_INF)
+        good = (pred(ga, m[todo], bound[todo]) != low) & (pred(gb, m[todo], bound[todo]) == low)
+        a[todo] = np.where(good, ga, a[todo])
+        b[todo] = np.where(good, gb, b[todo])
+    a, b, mm, bd = a[todo], b[todo], m[todo], bound[todo]
     for _ in range(40):
         if not np.any(b - a > 1):
             break
         mid = (a + b) // 2
-        p = pred(mid)
+        p = pred(mid, mm, bd)
         if low:      # P false at a, true at b
             b = np.where(p, mid, b)
             a = np.where(p, a, mid)
         else:        # P true at a, false at b
             a = np.where(p, mid, a)
             b = np.where(p, b, mid)
-    return _key_f32(b if low else a)
+    out[todo] = _key_f32(b if low else a)
+    return out
 
 
 class _Kernel:
@@ -413,9 +416,13 @@ class _Kernel:
         j16 = _pct_index(n, _Q16)
         j84 = _pct_index(n, _Q84)
         self.j16, self.j84 = j16, j84
-        exact = tuple(sorted(_ranks_for(n)))
-        self.net_exact = _network(n, exact)            # exact ranks only
-        self.net_part = _partition_network(n, exact)   # exact ranks + groups as sets
+        # Unweighted without input uncertainties: survivors are summed over the
+        # fully sorted values (rank order), in every path, so that a pixel's result
+        # does not depend on the chunk it falls in.  Otherwise frames are summed
+        # in their original order and only the needed ranks are computed.
+        self.sorted_acc = weights is None and not with_unc
+        self.net_fast = (_batcher_pairs(n) if self.sorted_acc
+                         else _network(n, tuple(sorted(_ranks_for(n)))))
         # row categories for the sorted accumulation: 0 no test, 1 low test, 2 high test
         cat = []
         for r in range(n):
@@ -434,27 +441,15 @@ class _Kernel:
     def _net_from(self, src_rows, pairs, nb):
         """Apply ``pairs`` to read-only ``src_rows``; results go to buffer rows."""
         n = self.n
-        rows = list(src_rows)
-        owned = [False] * n
-        free = [self.buf[i, :nb] for i in range(n + 1)]
+        ops, final = _net_plan(n, pairs)
+        table = list(src_rows) + [self.buf[i, :nb] for i in range(n + 1)]
         mn, mx = np.minimum, np.maximum
-        for i, j in pairs:
-            a = rows[i]
-            bb = rows[j]
-            lo_out = free.pop()
-            mn(a, bb, out=lo_out)
-            if owned[j]:
-                mx(a, bb, out=bb)
-            else:
-                hi_out = free.pop()
-                mx(a, bb, out=hi_out)
-                rows[j] = hi_out
-                owned[j] = True
-            if owned[i]:
-                free.append(a)
-            rows[i] = lo_out
-            owned[i] = True
-        return rows
+        for a, b, lo_out, hi_out in ops:
+            ra = table[a]
+            rb = table[b]
+            mn(ra, rb, out=table[lo_out])
+            mx(ra, rb, out=table[hi_out])
+        return [table[i] for i in final]
 
     def _sorted_rows(self, xs, nb, pairs):
         """Rows (views) holding the column-wise order statistics of xs."""
@@ -467,8 +462,9 @@ class _Kernel:
             return [self.buf[i, :nb] for i in range(n)]
         return self._net_from([xs[i] for i in range(n)], pairs, nb)
 
-    def _sort_buf(self, nb: int, ranks: tuple[int, ...]):
-        """Sort columns of buf[:n, :nb] in place; return (rank -> row view, rank -> buf row)."""
+    def _sort_buf(self, nb: int, pairs):
+        """Apply ``pairs`` to the columns of buf[:n, :nb] in place; return
+        (rank -> row view, rank -> buffer row index)."""
         n = self.n
         if n > NETWORK_MAX_N:
             srt = np.ascontiguousarray(self.buf[:n, :nb].T)
@@ -481,7 +477,7 @@ class _Kernel:
         spare = self.buf[n, :nb]
         sid = n
         mn, mx = np.minimum, np.maximum
-        for i, j in _network(n, ranks):
+        for i, j in pairs:
             a = rows[i]
             bb = rows[j]
             mn(a, bb, out=spare)
@@ -598,10 +594,17 @@ class _Kernel:
                         np.multiply(xs[i], scales[i], out=xs[i])
             masked = M is not None and bool(M.any())
             if not masked and self._fast(xs, U, nb):
-                self._finish(nb, U, out_mean, out_unc, out_cnt, facv=self.fac if self.n >= 3 else 1.0)
-                return
-            facv = self._slow(X, xs, M if masked else None, U, nb)
-            self._finish(nb, U, out_mean, out_unc, out_cnt, facv=facv)
+                facv = self.fac if self.n >= 3 else 1.0
+            else:
+                facv = self._slow(X, xs, M if masked else None, U, nb)
+            if self.sorted_acc:
+                if isinstance(facv, float):
+                    isf = np.float32(1 / math.sqrt(facv))
+                else:
+                    isf = (1 / np.sqrt(facv)).astype(np.float32)
+                self._finish_sorted(nb, out_mean, out_unc, out_cnt, isf)
+            else:
+                self._finish(nb, U, out_mean, out_unc, out_cnt, facv=facv)
 
     def _reset_sums(self, nb, U):
         v, f = self.v, self.f
@@ -635,8 +638,8 @@ class _Kernel:
         turned up, in which case the chunk must go through :meth:`_slow`."""
         n = self.n
         v, f, bl = self.v, self.f, self.bools
-        sorted_acc = self.weights is None and U is None
-        rows = self._sorted_rows(xs, nb, self.net_part if sorted_acc else self.net_exact)
+        sorted_acc = self.sorted_acc
+        rows = self._sorted_rows(xs, nb, self.net_fast)
         lo, hi, c = f["lo"][:nb], f["hi"][:nb], f["c"][:nb]
         if n >= 3:
             self._stats_fixed(rows, nb)
@@ -651,9 +654,9 @@ class _Kernel:
         self._reset_sums(nb, U)
         S1 = v["S1"][:nb]
         if sorted_acc:
-            # survivors from the (partially) sorted rows: a row at or below the
-            # median can only fail the low bound, one above only the high bound,
-            # rows inside [P16, P84] pass both when nsigma >= 2.
+            # survivors from the sorted rows: a row at or below the median can only
+            # fail the low bound, one above only the high bound, rows inside
+            # [P16, P84] pass both when nsigma >= 2 (same k as the two-sided test).
             k = bl["k"][:nb]
             d = f["d"][:nb]
             a1, a2 = f["a1"][:nb], f["a2"][:nb]
@@ -754,8 +757,9 @@ class _Kernel:
         np.copyto(xs, np.float32(0.0), where=inval)
         del inval
         nmin = int(nv.min())
-        rows, rid = self._sort_buf(nb, _ranks_for_range(max(nmin, 1), n))
-        del rows
+        pairs = (_batcher_pairs(n) if self.sorted_acc
+                 else _network(n, _ranks_for_range(max(nmin, 1), n)))
+        rows, rid = self._sort_buf(nb, pairs)
         m, p16, p84, s, bound = (v[k][:nb] for k in ("m", "p16", "p84", "s", "bound"))
         lo, hi, c = f["lo"][:nb], f["hi"][:nb], f["c"][:nb]
         flat = self.buf.reshape(-1)  # ranks map to any of the N + 1 buffer rows
@@ -803,8 +807,61 @@ class _Kernel:
             hi[noclip] = _F32_MAX
         np.copyto(c, m, casting="same_kind")
         self._reset_sums(nb, U)
-        self._accumulate(xs, valid, U, nb)
+        if self.sorted_acc:
+            self._accumulate_sorted(rows, nv, nmin, nb)
+        else:
+            self._accumulate(xs, valid, U, nb)
         return np.where(noclip, 1.0, self.fac)
+
+    def _accumulate_sorted(self, rows, nv, nmin, nb):
+        """Survivor sums over sorted rows, some pixels having fewer valid values (the
+        ranks >= n of a pixel hold +inf).  Adds exactly the same terms in the same
+        order as the all-valid path, so results do not depend on the path."""
+        f, bl = self.f, self.bools
+        lo, hi, c = f["lo"][:nb], f["hi"][:nb], f["c"][:nb]
+        k, k2 = bl["k"][:nb], bl["k2"][:nb]
+        d = f["d"][:nb]
+        a1, a2 = f["a1"][:nb], f["a2"][:nb]
+        cnt = self.cnt[:nb]
+        for r in range(self.n):
+            x = rows[r]
+            if r >= nmin:
+                np.greater(nv, r, out=k2)           # rank r is a valid value
+                np.copyto(x, c, where=~k2)          # +inf -> c: finite, excluded below
+            np.greater_equal(x, lo, out=k)
+            if r >= nmin:
+                np.logical_and(k, k2, out=k)
+            np.less_equal(x, hi, out=k2)
+            np.logical_and(k, k2, out=k)
+            np.add(cnt, k, out=cnt)
+            np.subtract(x, c, out=d)
+            np.multiply(d, k, out=d)
+            np.add(a1, d, out=a1)
+            np.multiply(d, d, out=d)
+            np.add(a2, d, out=a2)
+            if (r + 1) % _ACC_BLOCK == 0 or r == self.n - 1:
+                self._flush(nb, None)
+
+    def _finish_sorted(self, nb, out_mean, out_unc, out_cnt, inv_sqrt_fac):
+        """Value, UNC and CNT for the unweighted estimator without input
+        uncertainties (same operations in every path).  CNT 0 gives 0/0 = NaN for
+        both, CNT 1 gives (S2 - S1^2)/0 = 0/0 = NaN for UNC, as documented."""
+        v, f = self.v, self.f
+        cnt = self.cnt[:nb]
+        S1, S2 = v["S1"][:nb], v["S2"][:nb]
+        cntf, t, t2 = v["cntf"][:nb], v["t"][:nb], v["t2"][:nb]
+        np.copyto(cntf, cnt, casting="unsafe")
+        np.divide(S1, cntf, out=t)                    # mean - c
+        np.add(t, f["c"][:nb], out=out_mean, casting="same_kind")
+        np.multiply(t, S1, out=t)
+        np.subtract(S2, t, out=t)                     # sum (x - mean)^2
+        np.maximum(t, 0.0, out=t)
+        np.subtract(cntf, 1.0, out=t2)
+        np.multiply(t2, cntf, out=t2)                 # CNT (CNT - 1)
+        np.divide(t, t2, out=t)
+        np.sqrt(t, out=out_unc, casting="same_kind")
+        np.multiply(out_unc, inv_sqrt_fac, out=out_unc)
+        np.copyto(out_cnt, cnt, casting="unsafe")
 
     def _finish(self, nb, U, out_mean, out_unc, out_cnt, facv):
         """Per-pixel value, UNC and CNT from the sums (float64)."""

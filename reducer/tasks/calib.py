@@ -55,14 +55,15 @@ def max_age(settings: dict, imtype: str) -> float:
     return float({**DEFAULT_MAX_AGE_DAYS, **settings.get("calib", {}).get("max_age_days", {})}[imtype])
 
 
-def fallback(night, imtype: str, key: dict, mjd: float) -> MasterChoice | None:
-    """The registry's nearest certified master of this set, or ``None``."""
+def fallback(night, imtype: str, key: dict, mjd: float, *, earlier_only: bool | None = None) -> MasterChoice | None:
+    """The registry's nearest certified master of this set from another night, or ``None``."""
     from ..registry import Registry
     settings = night.settings
     with Registry(night.site.registry_url) as reg:
         hit = reg.nearest(night.profile.name, imtype, registry_set_key(key), mjd,
                           max_age_days=max_age(settings, imtype),
-                          earlier_only=bool(settings.get("calib", {}).get("earlier_only", False)),
+                          earlier_only=bool(settings.get("calib", {}).get("earlier_only", False))
+                          if earlier_only is None else earlier_only,
                           exclude_night=night.utdate)
     if hit is None:
         return None
@@ -180,18 +181,68 @@ def _certify(night, cs, out: Path, built, ver) -> None:
 
 
 def verify_built(night, cs, built, used) -> dict:
-    """Verify a freshly built master (see :mod:`reducer.verify`); a JSON-able summary."""
+    """Verify a freshly built master, per detector, and write the result into its header.
+
+    Tests (thresholds: :data:`reducer.verify.DEFAULTS`, overridden by ``[calib] verify``):
+    bias MEAN/NOISE/CR_NOISE (MEAN against zero when the detector has an overscan, else
+    against the previous certified master's level), dark RATE/HOT_FRACTION, flat
+    median/SNR/dead-and-hot fraction, and for every type the comparison with the previous
+    certified master of the same set (fail when > 5 % of pixels differ by >= 6 sigma).
+    Returns a JSON-able summary; the file is rewritten atomically with VERIFY/V* cards.
+    """
     import numpy as np
     from astropy.io import fits
-    checks = []
-    with fits.open(built.path) as h:
+    from .. import verify as V
+    from ..fitsio import write_fits
+    thresholds = dict(night.settings.get("calib", {}).get("verify", {})) or None
+    prev = fallback(night, cs.imtype, cs.key, night_mid_mjd(night), earlier_only=True)
+    prev_h = fits.open(prev.path) if prev else None
+    checks, per_det = [], {}
+    try:
+        with fits.open(built.path) as h:
+            hdul = fits.HDUList([hdu.copy() for hdu in h])
         for det in night.profile.detectors:
-            data = h[det.name].data
-            frac = float(np.mean(np.isfinite(data)))
-            checks.append({"name": f"{det.name}:FINITE", "passed": frac > 0.99, "value": frac,
-                           "threshold": "> 0.99"})
+            data, unc, cnt = (hdul[det.name].data, hdul[f"{det.name}_UNC"].data,
+                              hdul[f"{det.name}_CNT"].data)
+            gain = det.gain or 1.0
+            if cs.imtype == "bias":
+                if det.biassec is not None:
+                    mode, ref = "overscan", None
+                elif prev_h is not None:
+                    mode, ref = "level", float(np.nanmedian(prev_h[det.name].data))
+                else:
+                    mode, ref = "none", None
+                ver = V.verify_bias(data, unc, cnt, read_noise_adu=(det.rdnoise or 0) / gain or 1.0,
+                                    gain=gain, mean_mode=mode, reference_level=ref, thresholds=thresholds)
+            elif cs.imtype == "dark":
+                ver = V.verify_dark(data, unc, gain=gain, thresholds=thresholds)
+            elif cs.imtype == "flat":
+                ver = V.verify_flat(data, unc, thresholds=thresholds)
+            else:
+                ver = V.Verification(cs.imtype, [V.Check("FINITE", bool(np.isfinite(data).mean() > 0.99),
+                                                        float(np.isfinite(data).mean()), "> 0.99", "")])
+            dchecks = list(ver.checks)
+            if prev_h is not None and det.name in prev_h and prev_h[det.name].data.shape == data.shape:
+                dchecks.append(V.compare_with_previous(data, unc, prev_h[det.name].data,
+                                                       prev_h[f"{det.name}_UNC"].data))
+            dver = V.Verification(cs.imtype, dchecks)
+            per_det[det.name] = dver
+            checks += [{**c.to_dict(), "name": f"{det.name}:{c.name}"} for c in dchecks]
+        prim = hdul[0].header
+        for name, dver in per_det.items():
+            for key, val, comment in dver.to_header_cards():
+                # one card per test: FAIL on any detector wins
+                if key not in prim or val == "FAIL":
+                    prim[key] = (val, comment)
+        if prev:
+            prim["VPREVMST"] = (Path(prev.path).name[-68:], "previous master compared")
+        write_fits(hdul, built.path)
+    finally:
+        if prev_h is not None:
+            prev_h.close()
     failed = [c["name"] for c in checks if not c["passed"]]
-    return {"passed": not failed, "failed": failed, "checks": checks}
+    return {"passed": not failed, "failed": failed, "checks": checks,
+            "previous": asdict(prev) if prev else None}
 
 
 def make_task_generator(night):
