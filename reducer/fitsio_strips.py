@@ -147,7 +147,8 @@ class ArraySource(_Closer):
         self.shape = self.data.shape
         self.mask = None if mask is None else np.asarray(mask)
         if self.mask is not None and self.mask.shape != self.shape:
-            raise ValueError(f"ArraySource: mask shape {self.mask.shape} != data shape {self.shape}")
+            raise ValueError(
+                f"ArraySource: mask shape {self.mask.shape} != data shape {self.shape}")
         self.unc = None if unc is None else np.asarray(unc)
         if self.unc is not None and self.unc.shape != self.shape:
             raise ValueError(f"ArraySource: unc shape {self.unc.shape} != data shape {self.shape}")

@@ -1079,7 +1079,7 @@ class Registry:
             instrument, imtype, set_key, night, dest,
             checksum=checksum, certified=True,
             valid_from_mjd=valid_from_mjd, valid_to_mjd=valid_to_mjd,
-            **{k: v for k, v in merged.items()},
+            **merged,
         )
         return self.get(master_id)
 

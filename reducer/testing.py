@@ -39,8 +39,10 @@ the per-frame row drift (``y`` zero-based row), ``R_f`` the flat response (vigne
 times pixel response non-uniformity, normalised to median 1 over both detectors),
 ``D`` the dark-current map [e-/s], ``CR`` the cosmic-ray deposit, ``trail_j`` 1 % and
 0.2 % of the last data column's signal in the two transition columns.  Stars are Moffat
-profiles integrated over pixels (3 x 3 sub-sampling), placed through the true TAN WCS.
-Bias frames see cosmic rays for the read-out time (10 s) as well.
+profiles (pixel-integrated in the core), placed through the true TAN WCS of the frame;
+every frame collects cosmic rays for its exposure time plus 10 s of read-out (so biases
+have a few).  Calibration frames are taken with the telescope parked at the zenith
+(header RA/DEC = zenith, AIRMASS = 1).  Saturated stars do not bleed.
 
 Truth (default ``<raw dir>/../truth/``)
 ---------------------------------------
@@ -53,7 +55,10 @@ are named by file name)::
     night                  local_noon_start/end, sunset, sunrise, evening/morning
                            twilight at -12 deg, mean solar midnight (ISO UTC strings)
     geometry               shape, data/transition/overscan columns, sections,
-                           focal_center (focal-plane pixel, zero-based), offsets
+                           focal_center (focal-plane pixel: detector pixel (i, j)
+                           zero-based sits at focal (i + offset_x, j + offset_y); the
+                           header pointing refers to this point), optical_center
+                           (of the vignetting), pixel_size_um
     wcs_model              nominal/true pixel scale [arcsec/px], nominal/true rotation
                            [deg], flip_x, systematic pointing error [arcsec] (east, north)
     filters[f]             zeropoint [mag giving 1 e-/s above the atmosphere],
@@ -63,14 +68,18 @@ are named by file name)::
                            [ADU], bias_pattern_mean (mean of P) [ADU], bias_pattern
                            file, dark_rate_base [e-/s], dark_rate file [e-/s],
                            hot_pixels {x, y, rate [e-/s]}, dead_pixels {x, y, response},
-                           bad_column, prnu_rms, offset (focal plane)
+                           bad_column {x, y1, y2, response}, prnu_rms, offset
+                           (focal plane, = the profile's [wcs] offsets at the default
+                           shape)
     targets                name, kind, ra, dec [deg], field (catalogue field name)
     variable               id, target, ra, dec, model "trapezoid", t0 (ISO), t0_mjd,
                            depth, duration_s (first-fourth contact), ingress_s, mags;
                            f(t) = 1 - depth * clip((duration/2 - |t - t0|) / ingress, 0, 1)
                            multiplies its flux in every filter (averaged over the
                            exposure); null when no target has a variable
-    planted                list of deliberately bad calibrations {file, kind, ...}
+    planted                list of deliberately bad calibrations {file, type, kind, amp
+                           [ADU] or factor (lamp)}
+    cr_mask_threshold_e    CR_MASK_E
     catalog                path of the reference catalogue (ECSV)
     frames[]               one entry per raw file, in time order:
         file, seq, type (bias|dark|flat|arc|standard|science), subtype (dome|sky|null),
@@ -81,14 +90,21 @@ are named by file name)::
         sky_rate [e-/s/px] and sky_e [e-/px] (before the flat response),
         lamp_rate [e-/s/px] (flats), variable_factor, planted, arc_lines, and
         detectors[name]:
-            overscan {offset, amplitude, period, phase, slope, mean} [ADU, rows],
-            wcs (true TAN WCS header dict, FITS 1-based CRPIX of the raw array),
+            overscan {offset, amplitude, period, phase, slope, mean} [ADU, rows]
+                (mean = mean of d(y) plus a planted level shift: the overscan
+                level is bias_level + mean),
+            wcs (on-sky frames: true TAN WCS header dict, FITS 1-based CRPIX of
+                the raw array),
             cosmic_rays {file, n_events, n_pixels},
             stars {id, x, y, flux, mag, saturated}: stars whose centre is on the data
                 region; x, y zero-based raw-array coordinates (astropy/photutils:
                 the centre of data[j, i] is x=i, y=j); flux = total e- collected
                 before the flat response (transparency, extinction, variability
-                included); saturated = the pixel under the centre is at SATURATE.
+                included): flux = exptime * transparency * variable_factor *
+                10**(-0.4 * (mag + extinction * airmass - zeropoint)) (sky flats:
+                transparency 1); stamps stop where the profile drops below
+                0.5 e-/px (<= 40 px), losing < 0.2 % of a bright star's flux;
+                saturated = the pixel under the centre is at SATURATE.
 
 ``cr/<file stem>.npz`` per frame: ``mask_<det>`` (bool, raw shape, pixels with
 >= :data:`CR_MASK_E` e- deposited) and ``y_<det>``, ``x_<det>``, ``e_<det>``
@@ -422,13 +438,23 @@ def _fits_bytes(hdul) -> bytes:
     return buf.getvalue()
 
 
+def _json_text(obj: Any, level: int = 0) -> str:
+    """Indented JSON with lists of scalars kept on one line."""
+    pad, pad1 = " " * level, " " * (level + 1)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{pad1}{json.dumps(str(k))}: {_json_text(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)):
+        if all(not isinstance(v, (dict, list, tuple)) for v in obj):
+            return json.dumps(list(obj), separators=(",", ":"), allow_nan=False)
+        return "[\n" + ",\n".join(pad1 + _json_text(v, level + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj, allow_nan=False)
+
+
 def _json_bytes(obj: Any) -> bytes:
-    s = json.dumps(obj, indent=1, allow_nan=False)
-    # put flat lists (numbers, booleans, null) on one line
-    s = re.sub(r"\[([^\[\]{}\"]*)\]",
-               lambda m: "[" + ",".join(t.strip() for t in m.group(1).split(",")) + "]"
-               if m.group(1).strip() else "[]", s)
-    return (s + "\n").encode()
+    return (_json_text(obj) + "\n").encode()
 
 
 def _iso(t: float) -> str:
@@ -1068,9 +1094,18 @@ def make_night(
         blocks.append((tg, []))
     block_dur = [_block_duration(tg, filters, nexp_per_filter) for tg, _ in blocks]
     gap = max(0.0, (morn12 - 600.0 - t - sum(block_dur)) / max(len(blocks), 1))
+    with _offline_astropy():
+        lst_ref = float(Time(_mjd(t), format="mjd", scale="utc").sidereal_time(
+            "mean", longitude=lon * u.deg).deg)
+    t_ref = t
     for bi, (tg, lst_frames) in enumerate(blocks):
-        if bi:
+        if bi and tg.ra is None:
             t += gap
+        if tg.ra is not None:  # centre the block on the target's meridian passage if possible
+            dt_s = ((float(tg.ra) - lst_ref) % 360.0) / 360.98565 * 86400.0
+            mid = t_ref + dt_s if t_ref + dt_s <= morn12 else t_ref + dt_s - 86164.09
+            latest = morn12 - 600.0 - sum(block_dur[bi:])
+            t = max(t, min(mid - block_dur[bi] / 2.0, latest))
         t += 120.0 + jitter()  # slew
         kind = "standard" if tg is std else "science"
         for f in (tg.filters or filters):
@@ -1174,6 +1209,11 @@ def make_night(
         secz0 = np.where(onsky, np.asarray(aa0.secz), 1.0)
         seczm = np.where(onsky, np.asarray(aam.secz), 1.0)
     low = onsky & (alt_mid < 20.0) & np.array([f.kind in ("science", "standard") for f in frames])
+    if (onsky & (np.minimum(alt_mid, np.asarray(aa0.alt.deg)) < 5.0)).any():
+        bad = [(frames[i].obj, _iso(frames[i].t0), round(float(alt_mid[i]), 1))
+               for i in np.nonzero(onsky & (alt_mid < 5.0))[0]][:3]
+        raise ValueError(f"targets below 5 deg altitude at their scheduled times {bad}: "
+                         "use ra=None (on the meridian) or another utdate")
     if low.any():
         names = sorted({frames[i].obj for i in np.nonzero(low)[0]})
         warnings.warn(f"targets below 20 deg altitude during their exposures: {names}", stacklevel=2)
@@ -1181,7 +1221,9 @@ def make_night(
     # ------------------------------------------------------------------ catalogues
     all_bands = list(dict.fromkeys(list(_BASE_BANDS) + flat_filters))
     area_scale = ((fx2 - fx1 + 1) * (fy2 - fy1 + 1)) / (1032.0 * 1024.0)
-    cat_rows = {"id": [], "field": [], "ra": [], "dec": [], **{b: [] for b in all_bands}}
+    # empty seeds so a night without targets (calibrations only) writes an empty catalogue
+    cat_rows = {"id": [np.zeros(0, np.int64)], "field": [np.zeros(0, str)],
+                "ra": [np.zeros(0)], "dec": [np.zeros(0)], **{b: [np.zeros(0)] for b in all_bands}}
     field_stars: dict[str, dict] = {}
     variable_info = None
     next_id = 1
@@ -1308,7 +1350,7 @@ def make_night(
     for seq, (f, (hra, hdec), (tra, tdec), s0, sm, tmid) in enumerate(
             zip(frames, ph, pt, secz0, seczm, tmid_all), start=1):
         name = f"{instrument}_{utdate}_{seq:04d}.fits"
-        frng = _rng(seed, "frame", f.label)
+        frng = _rng(seed, "frame", utdate, f.label)
         fp = _FILTERS.get(f.filt, _DEFAULT_FILTER)
         entry: dict[str, Any] = {
             "file": name, "seq": seq, "type": f.kind, "subtype": f.subtype,
@@ -1390,7 +1432,7 @@ def make_night(
         entry["detectors"] = {}
         for di, d in enumerate(dets):
             m = maps[d.name]
-            drng = _rng(seed, "frame", f.label, d.name)
+            drng = _rng(seed, "frame", utdate, f.label, d.name)
             ny, nd = geom.ny, geom.nd
             resp = m["responses"].get(f.filt)
             e = m["dark"] * texp

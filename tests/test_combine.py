@@ -328,7 +328,8 @@ def test_weights():
     w = np.array([1, 1, 2, 2, 3, 3, 4, 4], float)
     m, u, c = clipped_mean(big, 1e6, weights=w)
     expect = (w**2).sum() / w.sum() ** 2
-    assert np.mean(u.astype(float) ** 2) / expect == pytest.approx(1, abs=5 * math.sqrt(2 / 7) / 128)
+    tol = 5 * math.sqrt(2 / 7) / 128
+    assert np.mean(u.astype(float) ** 2) / expect == pytest.approx(1, abs=tol)
     assert np.std(m) ** 2 / expect == pytest.approx(1, abs=5 * math.sqrt(2) / 128)
 
 
@@ -346,20 +347,27 @@ def test_inputs_never_modified():
     np.testing.assert_array_equal(uncs, keep[2])
 
 
-def test_chunking_and_threads_do_not_change_results():
+@pytest.mark.parametrize("mask_frac", [0.0, 0.004, 0.3])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunking_and_threads_do_not_change_results(mask_frac, weighted):
+    # pixels with bad values are redone by the general path, on the whole chunk
+    # or on a compacted copy depending on how many there are: never visible
     rng = np.random.default_rng(12)
-    cube = gaussian_stack(rng, 11, shape=(50, 61), outlier_frac=0.02)
+    cube = gaussian_stack(rng, 11, shape=(20, 31), outlier_frac=0.02)
     cube[2, 3, 4] = np.nan
-    base = clipped_mean(cube, 2.1)
-    for chunk, threads in ((1, 1), (97, 1), (1000, 2), (10**6, 2)):
-        out = clipped_mean(cube, 2.1, chunk_pixels=chunk, threads=threads)
+    masks = rng.random(cube.shape) < mask_frac
+    kw = {"masks": masks, "weights": np.arange(1.0, 12.0) if weighted else None}
+    base = clipped_mean(cube, 2.1, **kw)
+    assert_matches_reference(base, reference_clipped_mean(cube, 2.1, **kw))
+    for chunk, threads in ((1, 1), (97, 1), (300, 2), (10**6, 2)):
+        out = clipped_mean(cube, 2.1, chunk_pixels=chunk, threads=threads, **kw)
         for a, b in zip(out, base):
             np.testing.assert_array_equal(a, b)
 
 
 # --------------------------------------------------------------------------- networks
 @pytest.mark.parametrize("n", list(range(1, 25)) + [33, 40, 64, 96])
-def test_networks_sort_and_select(n):
+def test_networks_sort_select_partition(n):
     rng = np.random.default_rng(n)
     x = rng.integers(0, 5, (n, 2000)).astype(np.float32)  # many ties
     y = np.sort(x, axis=0)
@@ -373,6 +381,16 @@ def test_networks_sort_and_select(n):
         rows[i], rows[j] = np.minimum(rows[i], rows[j]), np.maximum(rows[i], rows[j])
     for r in exact:
         np.testing.assert_array_equal(rows[r], y[r])
+    rows = [r.copy() for r in x]
+    for i, j in C._partition_network(n, exact):  # + the runs between them as sets
+        rows[i], rows[j] = np.minimum(rows[i], rows[j]), np.maximum(rows[i], rows[j])
+    got = np.array(rows)
+    for r in exact:
+        np.testing.assert_array_equal(got[r], y[r])
+    edges = [-1] + list(exact) + [n]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi - lo > 1:
+            np.testing.assert_array_equal(np.sort(got[lo + 1:hi], axis=0), y[lo + 1:hi])
 
 
 # --------------------------------------------------------------------------- driver
@@ -449,7 +467,8 @@ def test_driver_memory_is_bounded():
 def test_errors():
     a = ArraySource(np.zeros((4, 5), np.float32), name="good")
     b = ArraySource(np.zeros((4, 6), np.float32), name="bad.fits")
-    with pytest.raises(ValueError, match=r"source 2 \(bad\.fits\) has shape \(4, 6\), expected \(4, 5\)"):
+    msg = r"source 2 \(bad\.fits\) has shape \(4, 6\), expected \(4, 5\)"
+    with pytest.raises(ValueError, match=msg):
         combine([a, a, b], 2.1)
     with pytest.raises(ValueError, match="at least one source"):
         combine([], 2.1)
@@ -649,3 +668,47 @@ def test_combine_from_fits_files_matches_in_memory(tmp_path):
     assert_matches_reference(exp, reference_clipped_mean(cube, 2.1))
     for s in srcs:
         s.close()
+
+
+# --------------------------------------------------------------------------- thresholds
+def _next32(x, direction):
+    with np.errstate(over="ignore"):
+        return np.nextafter(np.asarray(x, np.float32), np.float32(direction))
+
+
+def test_thresholds_are_exact_float64_decisions():
+    # lo/hi must satisfy: for every float32 x, lo <= x <= hi <=> fl64(|x - m|) <= bound.
+    # Check at the thresholds and their float32 neighbours, for random and nasty cases.
+    rng = np.random.default_rng(24)
+    m = [rng.normal(1000, 5, 300), rng.normal(0, 1e-3, 100), rng.normal(0, 1e30, 50),
+         np.round(rng.normal(1000, 5, 200)) / 2,
+         np.array([0.0, -7e-46, 7e-46, 1e-45, 3.0e38, -3.0e38, 1000.5, 0.0])]
+    b = [np.abs(rng.normal(10, 3, 300)), np.abs(rng.normal(0, 1e-3, 100)),
+         np.abs(rng.normal(0, 1e29, 50)), np.round(np.abs(rng.normal(20, 5, 200))) / 4,
+         np.array([0.0, 0.0, 1e-46, 0.0, 1e38, 1e38, 0.0, 1e-50])]
+    m = np.concatenate(m)
+    bound = np.concatenate(b)
+    # m is a (mean of two) float32 value(s) in the engine
+    m32 = m.astype(np.float32).astype(np.float64)
+    nb = m.size
+    kern = C._Kernel(3, 2.1, nb, None, None, False, "scatter")
+    kern.v["m"][:nb] = m32
+    kern.v["bound"][:nb] = bound
+    with np.errstate(over="ignore"):
+        kern._thresholds(nb)
+    lo = kern.f["lo"][:nb].copy()
+    hi = kern.f["hi"][:nb].copy()
+
+    def keep(x):
+        x = np.asarray(x, np.float32).astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.abs(x - m32) <= bound
+
+    for thr, inside, outside in ((lo, lo, _next32(lo, -np.inf)), (hi, hi, _next32(hi, np.inf))):
+        nonempty = lo <= hi
+        assert np.all(keep(inside)[nonempty])
+        assert not np.any(keep(outside))
+    # an empty interval means nothing at all is kept near m
+    empty = lo > hi
+    for x in (lo, hi, m32.astype(np.float32)):
+        assert not np.any(keep(x)[empty])

@@ -51,6 +51,16 @@ is a number of frames; ``nsigma`` is dimensionless.
    see :func:`clip_variance_factor`).  For ``n <= 2`` (no clipping) ``f`` is
    taken as 1.  This is the standard error of the mean, in data units.
 
+   Caveat (measured, see ``tests/test_combine.py``): for Gaussian data the
+   corrected variance ``var_corr`` is unbiased only as N grows (mean ratio to
+   sigma^2: 0.93 at N = 20, 0.98 at N = 200, k = 2.1: the robust sigma of few
+   values is biased low, so the effective truncation is tighter than k), and
+   even then ``UNC`` is smaller than the actual scatter of the clipped mean,
+   which also carries the noise of the data-dependent centre and cut:
+   asymptotically ``UNC / true SE -> (P - 2 k phi(k)) / (P sqrt(f(k)))`` with
+   ``P = 2 Phi(k) - 1`` (0.899 for k = 2.1; 0.87 measured at N = 20).  This is
+   the KPF definition and is kept as is.
+
    With ``weights`` (frame weights ``w_i > 0``, treated as *reliability*
    weights: the frames are assumed to share one scatter ``sigma`` estimated from
    the data), with ``V1 = sum(w_i)``, ``V2 = sum(w_i^2)`` over survivors::
@@ -82,45 +92,68 @@ Edge cases
   that do have trustworthy per-frame uncertainties ask for ``'input'``.
 - ``s == 0`` (e.g. all values equal): only values equal to ``m`` are kept.
 - A pixel with a single survivor after clipping (possible only for
-  ``nsigma < 1``) gets UNC from ``uncs`` if given, else NaN; with no survivor
-  at all (likewise only for ``nsigma < 1``) it is treated like ``n == 0``.
+  ``nsigma < 2``) gets UNC from ``uncs`` if given, else NaN; with no survivor
+  at all (possible only for ``nsigma < 1`` and even ``n``) it is treated like
+  ``n == 0``.
 
 Precision
 ---------
 Order statistics are float32 values (exact); the median, percentiles, ``s`` and
 the rejection bound are computed in float64 exactly as numpy does, and the bound
 is converted to the float32 thresholds that select the same values, so the set
-of survivors is identical to a float64 numpy implementation.  Sums are
-accumulated relative to ``float32(m)`` in float32 blocks of 16 frames which are
-added in float64, giving a relative error of about 1e-6 on the value and UNC.
+of survivors is identical to a float64 numpy implementation.  Sums of
+``x - float32(m)`` and of its square are accumulated in float32 blocks of 32
+frames whose totals are kept in float32 (float64 beyond 1024 frames): relative
+error about ``(32 + N / 32) * 6e-8`` of the sums; the value and UNC are then
+computed in float32 (unweighted) or float64 (weights or input uncertainties).
+Measured against the float64 reference: ~3e-8 of the value, ~4e-7 of UNC.
 Outputs are float32 (value, UNC) and int16 (int32 for more than 32767 frames)
 for CNT.  Values of magnitude above ~1e19 overflow the float32 squares.
 
 Memory
 ------
 :func:`clipped_mean` works on chunks of at most ``chunk_pixels`` pixels, with a
-workspace of about ``(2 N + 1) * 4 + N + 300`` bytes per chunk pixel
-(:func:`workspace_bytes`), independent of the stack size.  :func:`combine`
-counts the outputs (10 bytes per pixel for <= 32767 frames), this workspace, the
-strip buffers (``N * nx * (4 + 1 if masks + 4 if uncertainties)`` bytes per row)
-and the sources' declared read transients against ``mem_limit``; the Python
-interpreter and imported modules (~60-70 MiB) come on top.
+workspace of at most ``1.25 (15 N + 386)`` bytes per chunk pixel
+(:func:`workspace_bytes`; more with weights or uncertainties), independent of
+the image size.  :func:`combine` counts the outputs (10 bytes per pixel for
+<= 32767 frames), one workspace and one set of strip buffers per thread
+(``N * nx * (4 [+ 1 with masks] [+ 4 with uncertainties])`` bytes per strip
+row) and the sources' declared read transients against ``mem_limit``, and
+picks the strip height accordingly (strip buffers are also capped at
+:data:`MAX_STRIP_BYTES` per thread).  The Python interpreter and imported
+modules (~60-70 MiB) come on top.
 
 Speed
 -----
-The order statistics come from a Batcher odd-even merge sorting network,
-pruned to the ranks needed, applied with vectorised ``numpy.minimum``/``maximum``
-over chunks of pixels (rows of a (N, chunk) buffer stay contiguous); stacks
+The order statistics come from Batcher's odd-even merge sorting network applied
+with vectorised ``numpy.minimum``/``maximum`` over chunks of pixels (the rows of
+a (N, chunk) buffer stay contiguous; the first comparators read the strip
+directly), pruned to what is needed: the ranks of the median and percentiles
+exact, and the runs of ranks between them as sets.  The survivors are then
+summed over those rows: a row at or below the median can only fail the low cut
+and one above it only the high cut, and for ``nsigma >= 2`` the rows between P16
+and P84 cannot fail at all, so most rows need no test.  With weights or input
+uncertainties the frames are summed in their original order instead.  Stacks
 larger than :data:`NETWORK_MAX_N` frames use ``numpy.sort`` on the transposed
-chunk instead.  No Python loop runs per pixel; loops run per frame and per
-comparator, on vectors of ``chunk_pixels`` pixels.
+chunk.  Every pixel goes through this all-valid path; the pixels with a masked
+or non-finite value are then redone by a general path (per-pixel numbers of
+valid values) on a compacted copy, so a pixel's path depends only on its own
+values and the results do not depend on the chunking, the strip height or the
+number of threads.  No Python loop runs per pixel; loops run per frame and per
+comparator, on vectors of ``chunk_pixels`` pixels.  ``threads`` > 1 runs chunks
+(:func:`clipped_mean`) or whole strips, reading included (:func:`combine`), on
+worker threads: numpy releases the GIL in its loops.
 
 References
 ----------
 KPF data reduction pipeline, master bias/dark/flat/arc stacking
-(``KPF-Pipeline/modules/Utils/frame_stacker.py``): median, half the 16-84
-percentile spread, clip at nsigma, mean of survivors, truncated-Gaussian
-variance correction.  Default nsigma per calibration type: :data:`KPF_NSIGMA`.
+(``Keck-DataReductionPipelines/KPF-Pipeline``, ``modules/Utils/frame_stacker.py``):
+median, half the 16-84 percentile spread, keep ``m - k s <= x <= m + k s``, mean
+of survivors, variance reinflated for the clipping.  Differences, on purpose:
+KPF uses the ddof = 0 variance and a Monte-Carlo estimate (1e6 normal deviates,
+same clipping) of ``1 / f(k)``; here the variance is ddof = 1 and ``f(k)`` is the
+analytic truncated-Gaussian factor, and masks, weights, scales and the small-N
+cases are defined.  Default nsigma per calibration type: :data:`KPF_NSIGMA`.
 """
 from __future__ import annotations
 
@@ -137,6 +170,7 @@ __all__ = [
     "DEFAULT_MEM_LIMIT",
     "DEFAULT_CHUNK_PIXELS",
     "NETWORK_MAX_N",
+    "MAX_STRIP_BYTES",
     "StripSource",
     "CombineResult",
     "StripPlan",
@@ -164,7 +198,9 @@ NETWORK_MAX_N = 96
 MAX_STRIP_BYTES = 64 * 2**20
 
 _F32_MAX = float(np.finfo(np.float32).max)
-_ACC_BLOCK = 16  # frames accumulated in float32 before flushing to float64
+_ACC_BLOCK = 32  # frames accumulated in a float32 block before adding it to the totals
+_F64_TOTALS_N = 1024  # above this many frames the block totals are kept in float64
+_SMALL_CHUNK = 1024  # general-path chunks up to this many pixels are sorted with numpy.sort
 _Q16 = 16 / 100  # numpy.percentile divides q by 100 in float64
 _Q84 = 84 / 100
 
@@ -258,6 +294,39 @@ def _net_plan(n: int, pairs: tuple[tuple[int, int], ...]):
     return tuple(ops), tuple(where)
 
 
+@lru_cache(maxsize=256)
+def _partition_network(n: int, exact: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Batcher network for ``n`` wires pruned so that it leaves the ranks ``exact``
+    on their wires and every run of ranks between two of them on its wires as a
+    set (in any order).
+
+    Pruning rule (sound): scanning backwards, a comparator whose two wires are
+    not used by a later kept comparator and lie in the same run only permutes
+    values within that run, so it is dropped.
+    """
+    ex = set(exact)
+    group = []
+    g = 0
+    prev_exact = True
+    for r in range(n):
+        if r in ex:
+            group.append(-1 - r)
+            prev_exact = True
+        else:
+            if prev_exact:
+                g += 1
+            group.append(g)
+            prev_exact = False
+    final = [True] * n
+    kept = []
+    for i, j in reversed(_batcher_pairs(n)):
+        if final[i] and final[j] and group[i] == group[j]:
+            continue
+        kept.append((i, j))
+        final[i] = final[j] = False
+    return tuple(reversed(kept))
+
+
 def _pct_index(n: int, q: float) -> tuple[int, int, float]:
     """numpy 'linear' percentile of n sorted values: (lower rank, upper rank, gamma)."""
     vi = (n - 1) * q
@@ -299,20 +368,27 @@ def workspace_bytes(nframes: int, chunk_pixels: int, *, weighted: bool = False,
     Returns
     -------
     int
-        Bytes: scaled copy (4 N), sort buffer (4 (N + 1)), validity (N) and
+        Bytes: scaled copy (4 N), sort buffer (4 (N + 1)), validity (2 N) and
         about 40 per-pixel float64/float32 vectors, plus 25 % for numpy's own
-        short-lived temporaries.
+        short-lived temporaries: ``1.25 (15 N + 386) chunk_pixels`` unweighted.
     """
     n = int(nframes)
     b = int(chunk_pixels)
-    per_pix = 4 * n + 4 * (n + 1) + n + 8 * 30 + 4 * 12 + 8
+    # scaled copy 4N, sort buffer 4(N+1), validity N and its negation N (general
+    # path), ~20 float64 + ~20 float32/int vectors and the general path's index
+    # temporaries (~90 bytes)
+    per_pix = 4 * n + 4 * (n + 1) + 2 * n + 8 * 20 + 4 * 20 + 32 + 90
+    # compacted copy of the pixels redone by the general path (at worst all):
+    # values 4N, masks N, outputs and index
+    per_pix += 5 * n + 20
     if weighted:
         per_pix += 8 * 4 + 4 * 4
     if with_unc:
-        per_pix += 4 * n + 8 * 2 + 4 * 2
+        per_pix += 4 * n + 8 * 2 + 4 * 2 + 4 * n
     if n > NETWORK_MAX_N:
-        per_pix += 4 * n + 8 * n  # transposed copy + argsort-free sort temporaries
-    return int(1.25 * per_pix * b) + 65536
+        per_pix += 4 * n  # transposed copy sorted in place
+    small = 8 * n * min(b, _SMALL_CHUNK)  # numpy.sort of a small general-path chunk
+    return int(1.25 * per_pix * b) + small + 65536
 
 
 # --------------------------------------------------------------------------- kernel
@@ -405,8 +481,12 @@ class _Kernel:
             "m", "p16", "p84", "s", "bound", "t", "t2", "lo64", "hi64", "eps", "S1", "S2",
             "Sw", "Sw2", "Su", "mean", "var", "cntf", "g")}
         self.f = {name: np.empty(b, f32) for name in (
-            "lo", "hi", "c", "d", "e", "wk", "a1", "a2", "aw", "aw2", "au")}
-        self.bools = {name: np.empty(b, bool) for name in ("k", "k2", "ok", "ok2")}
+            "lo", "hi", "c", "d", "e", "wk", "a1", "a2", "aw", "aw2", "au", "cf", "t1", "t2")}
+        # totals of the float32 blocks: float32 (relative error ~ (32 + N/32) 6e-8)
+        # unless the stack is very deep
+        tot = f32 if n <= _F64_TOTALS_N else f64
+        self.tot = {name: np.empty(b, tot) for name in ("S1", "S2", "Sw", "Sw2", "Su")}
+        self.bools = {name: np.empty(b, bool) for name in ("k", "k2", "ok", "ok2", "mp")}
         self.i32 = np.empty(b, np.int32)
         self.cnt = np.empty(b, np.int32 if n > 32767 else np.int16)
         self.ivec = np.empty(b, np.intp)
@@ -417,12 +497,12 @@ class _Kernel:
         j84 = _pct_index(n, _Q84)
         self.j16, self.j84 = j16, j84
         # Unweighted without input uncertainties: survivors are summed over the
-        # fully sorted values (rank order), in every path, so that a pixel's result
-        # does not depend on the chunk it falls in.  Otherwise frames are summed
-        # in their original order and only the needed ranks are computed.
+        # rows of the (partially) sorted values.  Otherwise frames are summed in
+        # their original order.  Either way only the needed ranks are exact.
         self.sorted_acc = weights is None and not with_unc
-        self.net_fast = (_batcher_pairs(n) if self.sorted_acc
-                         else _network(n, tuple(sorted(_ranks_for(n)))))
+        exact = tuple(sorted(_ranks_for(n)))
+        self.net_fast = (_partition_network(n, exact) if self.sorted_acc
+                         else _network(n, exact))
         # row categories for the sorted accumulation: 0 no test, 1 low test, 2 high test
         cat = []
         for r in range(n):
@@ -466,7 +546,9 @@ class _Kernel:
         """Apply ``pairs`` to the columns of buf[:n, :nb] in place; return
         (rank -> row view, rank -> buffer row index)."""
         n = self.n
-        if n > NETWORK_MAX_N:
+        if n > NETWORK_MAX_N or nb <= _SMALL_CHUNK:
+            # (few pixels: one numpy.sort call beats a comparator loop; the sorted
+            # values are the same whichever way they are sorted)
             srt = np.ascontiguousarray(self.buf[:n, :nb].T)
             srt.sort(axis=1)
             self.buf[:n, :nb] = srt.T
@@ -580,7 +662,13 @@ class _Kernel:
     # ---- one chunk -------------------------------------------------------------------
     def run_chunk(self, X, M, U, out_mean, out_unc, out_cnt):
         """Combine one chunk. X: (N, b) any real dtype; M: (N, b) bool or None;
-        U: (N, b) 1-sigma or None.  Writes into the three (b,) outputs."""
+        U: (N, b) 1-sigma or None.  Writes into the three (b,) outputs.
+
+        All pixels go through the all-valid path; the pixels with a masked or
+        non-finite value are then redone by the general path on a compacted
+        copy.  A pixel's path thus depends only on its own values, and so does
+        its result: chunking, strips and threads never change any output.
+        """
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             nb = X.shape[1]
             scales = self.scales
@@ -592,50 +680,68 @@ class _Kernel:
                 if scales is not None:
                     for i in range(self.n):
                         np.multiply(xs[i], scales[i], out=xs[i])
-            masked = M is not None and bool(M.any())
-            if not masked and self._fast(xs, U, nb):
-                facv = self.fac if self.n >= 3 else 1.0
-            else:
-                facv = self._slow(X, xs, M if masked else None, U, nb)
-            if self.sorted_acc:
-                if isinstance(facv, float):
-                    isf = np.float32(1 / math.sqrt(facv))
-                else:
-                    isf = (1 / np.sqrt(facv)).astype(np.float32)
-                self._finish_sorted(nb, out_mean, out_unc, out_cnt, isf)
-            else:
-                self._finish(nb, U, out_mean, out_unc, out_cnt, facv=facv)
+            bad = None
+            if M is not None:
+                bad = self.bools["mp"][:nb]
+                np.logical_or.reduce(M, axis=0, out=bad)
+                if not bad.any():
+                    bad = None
+                    M = None
+            self._fast(xs, U, nb)
+            self._finish_any(nb, U, out_mean, out_unc, out_cnt,
+                             self.fac if self.n >= 3 else 1.0)
+            nonfinite = ~np.isfinite(self.tot["S1"][:nb])
+            bad = nonfinite if bad is None else (bad | nonfinite)
+            if not bad.any():
+                return
+            idx = np.flatnonzero(bad)
+            k = idx.size
+            sub_x = np.take(xs, idx, axis=1)
+            sub_m = None if M is None else np.take(M, idx, axis=1)
+            sub_u = None if U is None else np.take(U, idx, axis=1)
+            om = np.empty(k, np.float32)
+            ou = np.empty(k, np.float32)
+            oc = np.empty(k, self.cnt.dtype)
+            facv = self._slow(sub_x, sub_m, sub_u, k)
+            self._finish_any(k, sub_u, om, ou, oc, facv)
+            out_mean[idx] = om
+            out_unc[idx] = ou
+            out_cnt[idx] = oc
 
-    def _reset_sums(self, nb, U):
-        v, f = self.v, self.f
-        for name in ("S1", "S2"):
-            v[name][:nb].fill(0.0)
-        for name in ("a1", "a2"):
-            f[name][:nb].fill(0.0)
-        self.cnt[:nb].fill(0)
-        if self.weights is not None:
-            for name in ("Sw", "Sw2"):
-                v[name][:nb].fill(0.0)
-            for name in ("aw", "aw2"):
-                f[name][:nb].fill(0.0)
-        if U is not None:
-            v["Su"][:nb].fill(0.0)
-            f["au"][:nb].fill(0.0)
+    def _finish_any(self, nb, U, out_mean, out_unc, out_cnt, facv):
+        if self.sorted_acc:
+            if isinstance(facv, float):
+                isf = np.float32(1 / math.sqrt(facv))
+            else:
+                isf = (1 / np.sqrt(facv)).astype(np.float32)
+            self._finish_sorted(nb, out_mean, out_unc, out_cnt, isf)
+        else:
+            self._finish(nb, U, out_mean, out_unc, out_cnt, facv=facv)
 
-    def _flush(self, nb, U):
-        v, f = self.v, self.f
+    def _sum_pairs(self, U):
         pairs = [("S1", "a1"), ("S2", "a2")]
         if self.weights is not None:
             pairs += [("Sw", "aw"), ("Sw2", "aw2")]
         if U is not None:
             pairs.append(("Su", "au"))
-        for big, small in pairs:
-            np.add(v[big][:nb], f[small][:nb], out=v[big][:nb])
-            f[small][:nb].fill(0.0)
+        return pairs
 
-    def _fast(self, xs, U, nb) -> bool:
-        """All N values valid (to be confirmed): returns False if a non-finite value
-        turned up, in which case the chunk must go through :meth:`_slow`."""
+    def _reset_sums(self, nb, U):
+        for big, small in self._sum_pairs(U):
+            self.tot[big][:nb].fill(0.0)
+            self.f[small][:nb].fill(0.0)
+        self.cnt[:nb].fill(0)
+
+    def _flush(self, nb, U):
+        """Add the float32 block sums to the totals and clear them."""
+        for big, small in self._sum_pairs(U):
+            tb, fs = self.tot[big][:nb], self.f[small][:nb]
+            np.add(tb, fs, out=tb)
+            fs.fill(0.0)
+
+    def _fast(self, xs, U, nb) -> None:
+        """Sums assuming all N values of every pixel are valid; a pixel with a
+        non-finite value ends with a non-finite S1 (redone by :meth:`_slow`)."""
         n = self.n
         v, f, bl = self.v, self.f, self.bools
         sorted_acc = self.sorted_acc
@@ -652,36 +758,43 @@ class _Kernel:
             hi.fill(_F32_MAX)
         np.copyto(c, v["m"][:nb], casting="same_kind")
         self._reset_sums(nb, U)
-        S1 = v["S1"][:nb]
         if sorted_acc:
-            # survivors from the sorted rows: a row at or below the median can only
-            # fail the low bound, one above only the high bound, rows inside
-            # [P16, P84] pass both when nsigma >= 2 (same k as the two-sided test).
-            k = bl["k"][:nb]
-            d = f["d"][:nb]
-            a1, a2 = f["a1"][:nb], f["a2"][:nb]
-            cnt = self.cnt[:nb]
-            cnt.fill(self.n_free)
-            for r in range(n):
-                x = rows[r]
-                np.subtract(x, c, out=d)
-                cat = self.cat[r]
-                if cat:
-                    if cat == 1:
-                        np.greater_equal(x, lo, out=k)
-                    else:
-                        np.less_equal(x, hi, out=k)
-                    np.multiply(d, k, out=d)
-                    np.add(cnt, k, out=cnt)
-                np.add(a1, d, out=a1)
-                np.multiply(d, d, out=d)
-                np.add(a2, d, out=a2)
-                if (r + 1) % _ACC_BLOCK == 0 or r == n - 1:
-                    self._flush(nb, U)
+            self._accumulate_fast(rows, nb)
         else:
             del rows
             self._accumulate(xs, None, U, nb)
-        return bool(np.isfinite(np.add.reduce(S1)))
+
+    def _accumulate_fast(self, rows, nb):
+        """Survivor sums over the sorted rows of an all-valid chunk.
+
+        A row at or below the median can only fail the low cut, one above it
+        only the high cut, and rows inside [P16, P84] pass both when nsigma >= 2
+        (the same survivors as the two-sided test, see :meth:`_accumulate_sorted`).
+        """
+        f, bl = self.f, self.bools
+        lo, hi, c = f["lo"][:nb], f["hi"][:nb], f["c"][:nb]
+        k = bl["k"][:nb]
+        d = f["d"][:nb]
+        a1, a2 = f["a1"][:nb], f["a2"][:nb]
+        cnt = self.cnt[:nb]
+        cnt.fill(self.n_free)
+        n = self.n
+        for r in range(n):
+            x = rows[r]
+            np.subtract(x, c, out=d)
+            cat = self.cat[r]
+            if cat:
+                if cat == 1:
+                    np.greater_equal(x, lo, out=k)
+                else:
+                    np.less_equal(x, hi, out=k)
+                np.multiply(d, k, out=d)
+                np.add(cnt, k, out=cnt)
+            np.add(a1, d, out=a1)
+            np.multiply(d, d, out=d)
+            np.add(a2, d, out=a2)
+            if (r + 1) % _ACC_BLOCK == 0 or r == n - 1:
+                self._flush(nb, None)
 
     def _accumulate(self, xs, valid, U, nb):
         """Survivor sums over frames in their original order (weights, uncertainties)."""
@@ -735,8 +848,9 @@ class _Kernel:
             if (i + 1) % _ACC_BLOCK == 0 or i == n - 1:
                 self._flush(nb, U)
 
-    def _slow(self, X, xs, M, U, nb):
-        """General path: per-pixel number of valid values (masks, NaN, inf)."""
+    def _slow(self, xs, M, U, nb):
+        """General path: per-pixel number of valid values (masks, NaN, inf).
+        ``xs`` (scaled float32 values) is overwritten."""
         n = self.n
         v, f = self.v, self.f
         valid = self.valid[:, :nb]
@@ -747,9 +861,6 @@ class _Kernel:
         np.add.reduce(valid, axis=0, dtype=np.intp, out=nv)
         # invalid values -> +inf in the sort buffer (they sort to the end) and 0 in
         # the working copy (keeps the sums finite; they are excluded by `valid`).
-        if xs is X:
-            xs = self.xs[:, :nb]
-            np.copyto(xs, X)
         buf = self.buf[:n, :nb]
         np.copyto(buf, xs)
         inval = ~valid
@@ -846,17 +957,17 @@ class _Kernel:
         """Value, UNC and CNT for the unweighted estimator without input
         uncertainties (same operations in every path).  CNT 0 gives 0/0 = NaN for
         both, CNT 1 gives (S2 - S1^2)/0 = 0/0 = NaN for UNC, as documented."""
-        v, f = self.v, self.f
+        f = self.f
         cnt = self.cnt[:nb]
-        S1, S2 = v["S1"][:nb], v["S2"][:nb]
-        cntf, t, t2 = v["cntf"][:nb], v["t"][:nb], v["t2"][:nb]
+        S1, S2 = self.tot["S1"][:nb], self.tot["S2"][:nb]
+        cntf, t, t2 = f["cf"][:nb], f["t1"][:nb], f["t2"][:nb]
         np.copyto(cntf, cnt, casting="unsafe")
         np.divide(S1, cntf, out=t)                    # mean - c
         np.add(t, f["c"][:nb], out=out_mean, casting="same_kind")
         np.multiply(t, S1, out=t)
         np.subtract(S2, t, out=t)                     # sum (x - mean)^2
-        np.maximum(t, 0.0, out=t)
-        np.subtract(cntf, 1.0, out=t2)
+        np.maximum(t, np.float32(0), out=t)
+        np.subtract(cntf, np.float32(1), out=t2)
         np.multiply(t2, cntf, out=t2)                 # CNT (CNT - 1)
         np.divide(t, t2, out=t)
         np.sqrt(t, out=out_unc, casting="same_kind")
@@ -866,6 +977,8 @@ class _Kernel:
     def _finish(self, nb, U, out_mean, out_unc, out_cnt, facv):
         """Per-pixel value, UNC and CNT from the sums (float64)."""
         v, f = self.v, self.f
+        for big, _ in self._sum_pairs(U):
+            np.copyto(v[big][:nb], self.tot[big][:nb])
         w = self.weights
         cnt = self.cnt[:nb]
         c = f["c"][:nb]
@@ -1222,7 +1335,12 @@ def plan_strips(shape, nframes: int, mem_limit: int = DEFAULT_MEM_LIMIT, *,
     free = int(mem_limit) - out_bytes - t * int(transient_fixed)
     chunk = max(1, min(int(chunk_pixels), ny * nx))
     ws = workspace_bytes(n, chunk, weighted=weighted, with_unc=with_unc)
-    while chunk > 1024 and t * ws > max(free // 4, 0):
+    # keep the workspaces within half of what is left (chunks >= 4096 pixels keep
+    # the per-call overhead small), then shrink further only if needed to fit
+    while chunk > 4096 and t * ws > max(free // 2, 0):
+        chunk //= 2
+        ws = workspace_bytes(n, chunk, weighted=weighted, with_unc=with_unc)
+    while chunk > 256 and free - t * ws < t * per_row_total:
         chunk //= 2
         ws = workspace_bytes(n, chunk, weighted=weighted, with_unc=with_unc)
     rows = (free - t * ws) // (t * per_row_total) if per_row_total > 0 else ny
