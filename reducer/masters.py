@@ -288,6 +288,7 @@ class BuiltMaster:
     infobits: int
     fewframes: bool
     rejected: list = field(default_factory=list)   # (file, reason) of inputs screened out
+    pair_diffs: dict = field(default_factory=dict)  # bias: detector -> frame1 - frame2 (ADU)
 
 
 def build_master(cs: CalSet, *, night, out_path: Path, bias: Path | None = None,
@@ -323,6 +324,7 @@ def build_master(cs: CalSet, *, night, out_path: Path, bias: Path | None = None,
     infobits = 0
     det_results = {}
     rejected: list = []
+    pair_diffs: dict = {}
     for d, det in enumerate(profile.detectors):
         sources, scales = [], []
         mb = _read_master(bias, det.name)[0] if bias else None
@@ -360,6 +362,9 @@ def build_master(cs: CalSet, *, night, out_path: Path, bias: Path | None = None,
             else:
                 scales.append(1.0)
             sources.append(ArraySource(img, mask, f.file, unc))
+        if cs.imtype == "bias" and len(sources) >= 2:
+            # the difference of two frames: their noise without the fixed pattern
+            pair_diffs[det.name] = sources[0].data - sources[1].data
         if not sources:
             raise MasterError(f"{cs.name}: every input frame was screened out on {det.name}: "
                               + "; ".join(f"{f}: {r}" for f, r in bad.items()))
@@ -406,7 +411,7 @@ def build_master(cs: CalSet, *, night, out_path: Path, bias: Path | None = None,
                    masters=masters_info, digest=night.digest("calib"), step=f"master {cs.imtype}")
     hdus[0] = fits.PrimaryHDU(header=prim)
     write_fits(fits.HDUList(hdus), out_path)
-    return BuiltMaster(Path(out_path), cs.imtype, n, infobits, few, rejected)
+    return BuiltMaster(Path(out_path), cs.imtype, n, infobits, few, rejected, pair_diffs)
 
 
 def screen_inputs(imtype: str, loaded, det) -> dict:

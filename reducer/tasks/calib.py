@@ -140,15 +140,14 @@ def run_master(night_dir: str, set_name: str) -> dict:
     used = {}
     for need in NEEDS[cs.imtype]:
         ch = choose(night, sets, need, cs.key, mjd, runtime=True)
-        if ch is None and need == "bias" and cs.imtype != "bias":
-            if not any(d.biassec for d in night.profile.detectors):
-                raise SystemExit(f"calib {set_name}: no master bias tonight nor by fallback and no "
-                                 f"overscan: cannot build the {cs.imtype}")
         if ch is not None:
             used[need] = ch
     missing = [n for n in NEEDS[cs.imtype] if n not in used]
     out = masters_dir(night) / cs.filename
     try:
+        if "bias" in missing and not any(d.biassec for d in night.profile.detectors):
+            raise MasterError(f"no master bias tonight nor by fallback and no overscan: "
+                              f"cannot build the {cs.imtype}")
         built = build_master(cs, night=night, out_path=out,
                              **{k: Path(v.path) for k, v in used.items()},
                              masters_info=[c.header_entry() for c in used.values()])
@@ -234,7 +233,8 @@ def verify_built(night, cs, built, used) -> dict:
                 else:
                     mode, ref = "none", None
                 ver = V.verify_bias(data, unc, cnt, read_noise_adu=(det.rdnoise or 0) / gain or 1.0,
-                                    gain=gain, mean_mode=mode, reference_level=ref, thresholds=thresholds)
+                                    gain=gain, frames_diff=built.pair_diffs.get(det.name),
+                                    mean_mode=mode, reference_level=ref, thresholds=thresholds)
             elif cs.imtype == "dark":
                 ver = V.verify_dark(data, unc, gain=gain, thresholds=thresholds)
             elif cs.imtype == "flat":
