@@ -44,6 +44,7 @@ its UT date (:func:`night_mjd` + 0.5).
 """
 from __future__ import annotations
 
+from .fitsio import sha256_file  # noqa: E402  (one checksum function for the package)
 import builtins
 import contextlib
 import datetime as _dt
@@ -342,24 +343,6 @@ def night_mjd(night: str) -> float:
     night = _check_night(night)
     day = _dt.date(int(night[:4]), int(night[4:6]), int(night[6:]))
     return float((day - _MJD_EPOCH).days)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hexadecimal SHA-256 of a file's content.
-
-    Parameters
-    ----------
-    path : str or path-like
-
-    Returns
-    -------
-    str
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def to_url(url: str | URL | os.PathLike) -> URL:

@@ -488,6 +488,7 @@ class _Kernel:
         self.tot = {name: np.empty(b, tot) for name in ("S1", "S2", "Sw", "Sw2", "Su")}
         self.bools = {name: np.empty(b, bool) for name in ("k", "k2", "ok", "ok2", "mp")}
         self.i32 = np.empty(b, np.int32)
+        self.c8 = np.empty(b, np.uint8)
         self.cnt = np.empty(b, np.int32 if n > 32767 else np.int16)
         self.ivec = np.empty(b, np.intp)
         self.nvalid = np.empty(b, np.intp)
@@ -778,6 +779,9 @@ class _Kernel:
         a1, a2 = f["a1"][:nb], f["a2"][:nb]
         cnt = self.cnt[:nb]
         cnt.fill(self.n_free)
+        c8 = self.c8[:nb]            # uint8 block count (cheaper than int16 += bool)
+        c8.fill(0)
+        k8 = k.view(np.uint8)
         n = self.n
         for r in range(n):
             x = rows[r]
@@ -789,12 +793,14 @@ class _Kernel:
                 else:
                     np.less_equal(x, hi, out=k)
                 np.multiply(d, k, out=d)
-                np.add(cnt, k, out=cnt)
+                np.add(c8, k8, out=c8)
             np.add(a1, d, out=a1)
             np.multiply(d, d, out=d)
             np.add(a2, d, out=a2)
             if (r + 1) % _ACC_BLOCK == 0 or r == n - 1:
                 self._flush(nb, None)
+                np.add(cnt, c8, out=cnt, casting="unsafe")
+                c8.fill(0)
 
     def _accumulate(self, xs, valid, U, nb):
         """Survivor sums over frames in their original order (weights, uncertainties)."""
