@@ -188,25 +188,6 @@ class RawDetector:
         return img, mask
 
 
-class ArraySource:
-    """A calibrated frame held in memory, served to the combine engine strip by strip.
-
-    ``unc`` is the frame's own 1-sigma noise (ADU): the engine uses it where fewer than two
-    values survive (a master from a single frame gets an honest uncertainty plane).
-    """
-
-    def __init__(self, data: np.ndarray, mask: np.ndarray | None, name: str,
-                 unc: np.ndarray | None = None):
-        self.data, self.mask, self.name, self.unc = data, mask, name, unc
-        self.shape = data.shape
-
-    def read(self, y0: int, y1: int):
-        return self.data[y0:y1], (None if self.mask is None else self.mask[y0:y1])
-
-    def read_unc(self, y0: int, y1: int):
-        return self.unc[y0:y1]
-
-
 def noise_model(signal_adu: np.ndarray, gain: float, rdnoise_e: float) -> np.ndarray:
     """1-sigma noise of a frame (ADU): Poisson on the signal plus read noise."""
     g = gain or 1.0
@@ -311,6 +292,7 @@ def build_master(cs: CalSet, *, night, out_path: Path, bias: Path | None = None,
     """
     from astropy.io import fits
     from .fitsio import add_provenance, sha256_file, write_fits
+    from .fitsio_strips import ArraySource
     from .ops.combine import combine
     settings = night.settings
     c = calib_settings(settings)
@@ -361,7 +343,7 @@ def build_master(cs: CalSet, *, night, out_path: Path, bias: Path | None = None,
                 scales.append(1.0 / med)
             else:
                 scales.append(1.0)
-            sources.append(ArraySource(img, mask, f.file, unc))
+            sources.append(ArraySource(img, mask, unc=unc, name=f.file))
         if cs.imtype == "bias" and len(sources) >= 2:
             # the difference of two frames: their noise without the fixed pattern
             pair_diffs[det.name] = sources[0].data - sources[1].data
