@@ -9,7 +9,7 @@ from pathlib import Path
 
 DEMO_UTDATE = "20261120"
 #: the doit runs the demo makes, in order (each builds what it needs first)
-DEMO_TASKS = (["inventory"], ["calib"])
+DEMO_TASKS = (["science"],)
 
 
 def run_doit(night_dir: Path, *args: str) -> int:

@@ -549,13 +549,15 @@ def verify_bias(master, unc, cnt, *, read_noise_adu: float, gain: float, frames_
         # a regular subsample: 4 Mpix already give the noise to 0.05 %
         noise_img = noise_img[:: -(-noise_img.size // _NOISE_MAX_SAMPLES)]
 
-    # NOISE
-    noise = mad_sigma(noise_img)
+    # NOISE: a 5-sigma clipped standard deviation (corrected for the clipping), not the MAD:
+    # raw frames are integers, and the MAD of integer-valued differences is quantised
+    # (measured on simulated biases: MAD 3.15 ADU against a true 3.44 ADU)
+    _, noise, _, _ = _clip(noise_img, 5.0)
     lo, hi = t["bias_noise_ratio_min"] * rn, t["bias_noise_ratio_max"] * rn
     ok = bool(lo <= noise <= hi)
     checks.append(Check("NOISE", ok, noise, f"{lo:.3g}<=x<={hi:.3g} ADU",
                         f"single-frame noise {_fmt(noise)} ADU = {_fmt(noise * g)} e- "
-                        f"({_fmt(noise / rn)} x RN {_fmt(rn)} ADU), MAD sigma of {source}"))
+                        f"({_fmt(noise / rn)} x RN {_fmt(rn)} ADU), 5-sigma clipped sigma of {source}"))
 
     # CR_NOISE
     _, crn, nkept, _ = _clip(noise_img, t["bias_clip_nsigma"])

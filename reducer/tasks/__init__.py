@@ -17,7 +17,9 @@ def doit_config(night) -> dict:
         "backend": "sqlite3",
         "dep_file": str(night.dir / ".doit.db"),
         "check_file_uptodate": "timestamp",
-        "default_tasks": ["inventory"],
+        "default_tasks": ["science"],
+        # one frame failing never stops the night: what does not depend on it goes on
+        "continue": True,
         "num_process": int(d.get("num_process", 1)),
         "par_type": "process",
         "verbosity": 2,
@@ -27,9 +29,10 @@ def doit_config(night) -> dict:
 def night_tasks(dodo_file) -> dict:
     """``DOIT_CONFIG`` and the ``task_*`` generators of the night holding ``dodo_file``."""
     from ..night import Night
-    from . import calib, inventory
+    from . import calib, inventory, science
     night = Night(Path(dodo_file))
     out = {"DOIT_CONFIG": doit_config(night)}
     out["task_inventory"] = inventory.make_task_generator(night)
     out["task_calib"] = calib.make_task_generator(night)
+    out["task_science"] = science.make_task_generator(night)
     return out

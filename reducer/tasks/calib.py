@@ -90,6 +90,26 @@ def choose(night, sets, imtype: str, key: dict, mjd: float, *, runtime: bool = F
     return fallback(night, imtype, want, mjd)
 
 
+def choose_flat(night, sets, frame, *, runtime: bool = False) -> MasterChoice | None:
+    """The flat for a science frame: dome or sky per ``[calib] science_flat``.
+
+    ``auto`` (the default) takes a dome flat where one exists (tonight or by fallback),
+    else a sky flat.
+    """
+    from ..masters import calib_settings, frame_key
+    c = calib_settings(night.settings)
+    policy = c["science_flat"]
+    kinds = {"dome": ["dome"], "sky": ["sky"], "auto": ["dome", "sky"]}[policy]
+    for kind in kinds:
+        key = frame_key(frame, [k for k in c["set_keys"]["flat"] if k != "subtype"])
+        key["subtype"] = kind
+        key = {k: key.get(k, "") for k in c["set_keys"]["flat"]}
+        ch = choose(night, sets, "flat", key, frame.mjd, runtime=runtime)
+        if ch is not None:
+            return ch
+    return None
+
+
 def _project(key: dict, settings: dict, imtype: str) -> dict:
     from ..masters import calib_settings
     return {k: key.get(k, "") for k in calib_settings(settings)["set_keys"][imtype]}

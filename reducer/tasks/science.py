@@ -1,0 +1,91 @@
+"""doit tasks: the science chain per frame, and ``science`` per target.
+
+Task basenames are the step names (``prepare``, ``flatten``, ...), subtasks are named by the
+raw stem; ``science:<TARGET>`` depends on the last product of each of the target's frames,
+``science`` on every target. The masters a frame uses are chosen when the tasks are made
+(so doit orders them) and again, with verification results known, when the step runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from doit import create_after
+
+from ..products import STEP_NAMES, chain, raw_stem
+from .calib import DigestUnchanged, _load_sets, choose, choose_flat, dependency
+
+#: steps whose algorithms are implemented, in chain order (the profile selects among them)
+IMPLEMENTED = ("p", "f")
+SCIENCE_TYPES = ("science", "standard")
+STEP_DOCS = {
+    "p": "p: overscan, bias, dark; electrons with uncertainty and mask (one per frame)",
+    "f": "f: divide by the master flat of the frame's filter (one per frame)",
+}
+
+
+def frame_steps(night, sets, frame) -> list[str]:
+    """The steps that apply to a frame: the profile's, minus f when no flat can be had."""
+    steps = [s for s in night.profile.steps if s in IMPLEMENTED]
+    if "p" not in steps:
+        steps.insert(0, "p")
+    if "f" in steps and choose_flat(night, sets, frame) is None:
+        steps.remove("f")
+    return steps
+
+
+def product_path(night, frame, prefix: str) -> Path:
+    return night.dir / frame.target / f"{prefix}{raw_stem(frame.file)}.fits"
+
+
+def science_frames(frames):
+    return [f for f in frames if f.usable and f.type in SCIENCE_TYPES]
+
+
+def frame_tasks(night, sets, frame):
+    """The chain tasks of one frame, and the path of its last product."""
+    from ..masters import calib_settings, frame_key
+    from ..steps import run_flatten, run_prepare
+    keys = calib_settings(night.settings)["set_keys"]
+    stem = raw_stem(frame.file)
+    steps = frame_steps(night, sets, frame)
+    prefixes = chain(steps)
+    tasks = []
+    prev = None
+    for step, prefix in zip([s for s in ("p", "f", "s", "z", "a", "t") if s in steps], prefixes):
+        out = product_path(night, frame, prefix)
+        name = STEP_NAMES[step]
+        if step == "p":
+            deps = [str(night.raw_dir / frame.file)]
+            for imtype in ("bias", "dark"):
+                ch = choose(night, sets, imtype, frame_key(frame, keys[imtype]), frame.mjd)
+                if ch is not None:
+                    deps.append(dependency(ch))
+            action = (run_prepare, [str(night.dir), frame.file, str(out)])
+        elif step == "f":
+            deps = [str(prev), dependency(choose_flat(night, sets, frame))]
+            action = (run_flatten, [str(night.dir), frame.file, str(prev), str(out)])
+        tasks.append({
+            "basename": name, "name": stem, "actions": [action], "file_dep": deps,
+            "targets": [str(out)], "uptodate": [DigestUnchanged(night.digest(name))],
+            "clean": True, "doc": f"{name} {frame.file}",
+        })
+        prev = out
+    return tasks, prev
+
+
+def make_task_generator(night):
+    @create_after(executed="calib", creates=["science", *[STEP_NAMES[s] for s in IMPLEMENTED]])
+    def task_science():
+        """Every science target through the chain: doit science, or doit science:TARGET."""
+        frames, sets = _load_sets(night)
+        for step in IMPLEMENTED:
+            yield {"basename": STEP_NAMES[step], "name": None, "doc": STEP_DOCS[step]}
+        by_target: dict = {}
+        for fr in science_frames(frames):
+            tasks, last = frame_tasks(night, sets, fr)
+            by_target.setdefault(fr.target, []).append(f"{tasks[-1]['basename']}:{tasks[-1]['name']}")
+            yield from tasks
+        for target, deps in sorted(by_target.items()):
+            yield {"name": target, "actions": None, "task_dep": deps,
+                   "doc": f"target {target}: {len(deps)} frame(s) through the chain"}
+    return task_science

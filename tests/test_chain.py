@@ -1,0 +1,115 @@
+"""The science chain on a simulated night, against its truth."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from reducer.ops.bits import COSMIC, LOWFLAT, SATURATED
+from reducer.ops.calibrate import flatten, prepare
+from reducer.products import chain, raw_stem
+
+from conftest import run_cli, run_doit
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory):
+    from reducer.testing import Target, make_night
+    root = tmp_path_factory.mktemp("chain")
+    sim = make_night(root / "raw" / "20261120", seed=7, filters=("r",),
+                     targets=[Target("FIELD-A", filters=("r",), nexp=3, exptime=120.0)],
+                     standard=False)
+    run_cli("night", "20261120", "--raw", str(sim.raw_dir), "--instrument", "demo", cwd=root)
+    nd = root / "redux" / "20261120"
+    out = run_doit(nd, "science").stdout
+    return {"sim": sim, "dir": nd, "out": out}
+
+
+def _blank(sim, fr, det, shape, radius=12):
+    """Pixels far from every true star and cosmic ray."""
+    ok = np.ones(shape, bool)
+    st = fr["detectors"][det]["stars"]
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    for x, y, flux in zip(st["x"], st["y"], st["flux"]):
+        if flux < 200:
+            continue
+        r = radius + 4 * np.log10(max(flux, 1))
+        x0, x1 = int(max(x - r, 0)), int(min(x + r + 1, shape[1]))
+        y0, y1 = int(max(y - r, 0)), int(min(y + r + 1, shape[0]))
+        ok[y0:y1, x0:x1] = False
+    cr = sim.cr_mask(fr["file"], det)[:, :shape[1]]   # the truth mask spans the raw columns
+    from scipy.ndimage import binary_dilation
+    ok &= ~binary_dilation(cr, iterations=2)
+    return ok
+
+
+def test_chain_names_and_tasks(night):
+    assert chain(["p", "f", "s", "z", "a", "t"]) == ["p", "fp", "sfp", "zsfp", "azsfp", "tazsfp"]
+    assert chain(["p", "f", "z"]) == ["p", "fp", "zfp"]
+    assert chain(["p", "z"]) == ["p", "zp"]
+    assert raw_stem("r2701242.fit.gz") == "r2701242"
+    assert raw_stem("M 81_sdss_r_20190501_061120.fits") == "M 81_sdss_r_20190501_061120"
+    nd = night["dir"]
+    sci = [f for f in night["sim"].truth["frames"] if f["type"] == "science"]
+    for fr in sci:
+        assert (nd / "FIELD-A" / f"fp{raw_stem(fr['file'])}.fits").is_file()
+    # nothing left to do
+    assert ".  " not in run_doit(nd, "science").stdout
+
+
+def test_fp_is_honest_on_blank_sky(night):
+    """fp frames: electrons; on blank sky (data - true sky) / unc has std within 10 % of 1."""
+    sim, nd = night["sim"], night["dir"]
+    fr = next(f for f in sim.truth["frames"] if f["type"] == "science")
+    with fits.open(nd / "FIELD-A" / f"fp{raw_stem(fr['file'])}.fits") as h:
+        assert h["CCD1"].header["BUNIT"] == "electron" and h["CCD1"].header["GAIN"] == 1.0
+        assert h[0].header["MBIASOR"] == "tonight" and h[0].header["MFLATOR"] == "tonight"
+        for det in ("CCD1", "CCD2"):
+            data, unc, mask = h[det].data, h[f"{det}_UNC"].data, h[f"{det}_MASK"].data
+            ok = _blank(sim, fr, det, data.shape) & (mask == 0)
+            pull = (data[ok] - fr["sky_e"]) / unc[ok]
+            assert abs(np.median(data[ok]) / fr["sky_e"] - 1) < 0.01
+            assert abs(np.std(pull) - 1) < 0.10, np.std(pull)
+
+
+def test_saturated_stars_are_masked(night):
+    sim, nd = night["sim"], night["dir"]
+    for fr in (f for f in sim.truth["frames"] if f["type"] == "science"):
+        with fits.open(nd / "FIELD-A" / f"p{raw_stem(fr['file'])}.fits") as h:
+            for det in ("CCD1", "CCD2"):
+                st = fr["detectors"][det]["stars"]
+                mask = h[f"{det}_MASK"].data
+                for x, y, s in zip(st["x"], st["y"], st["saturated"]):
+                    if s and 2 < x < 509 and 2 < y < 1021:
+                        assert mask[int(round(y)), int(round(x))] & SATURATED
+
+
+@pytest.mark.parametrize("gain,rn,t", [(1.5, 6.0, 120.0), (2.0, 4.0, 30.0)])
+def test_prepare_and_flatten_numbers(gain, rn, t):
+    """Known signal in, known electrons and uncertainty out; inputs untouched."""
+    rng = np.random.default_rng(1)
+    bias = rng.normal(3.0, 0.1, (50, 40)).astype(np.float32)
+    dark = np.full((50, 40), 0.01, np.float32)
+    signal_e = 1000.0
+    raw = (signal_e + gain * dark * t) / gain + bias
+    raw0 = raw.copy()
+    data, unc, mask = prepare(raw, gain=gain, rdnoise_e=rn, exptime=t, bias=bias,
+                              bias_unc=np.full_like(bias, 0.5), dark_rate=dark,
+                              dark_unc=np.zeros_like(dark))
+    assert np.array_equal(raw, raw0)
+    assert np.allclose(data, signal_e, rtol=1e-5)
+    expect = np.sqrt(rn ** 2 + signal_e + gain * 0.01 * t + (gain * 0.5) ** 2)
+    assert np.allclose(unc, expect, rtol=1e-5)
+    flat = np.full_like(data, 0.8)
+    flat[0, 0] = 0.1
+    d2, u2, m2 = flatten(data, unc, mask, flat, np.full_like(flat, 0.008))
+    assert np.allclose(d2[1:, 1:], signal_e / 0.8, rtol=1e-5)
+    assert np.allclose(u2[1, 1], np.hypot(expect / 0.8, signal_e / 0.8 * 0.008 / 0.8), rtol=1e-5)
+    assert m2[0, 0] & LOWFLAT and not m2[1, 1]
+
+
+def test_prepare_rejects_wrong_master_shape():
+    with pytest.raises(ValueError, match=r"bias shape \(3, 3\) differs from the frame's \(4, 4\)"):
+        prepare(np.zeros((4, 4)), gain=1, rdnoise_e=1, exptime=1, bias=np.zeros((3, 3)))
