@@ -374,23 +374,32 @@ def write_nightlog(frames, path: Path) -> bool:
 
 
 def read_nightlog(path: Path) -> list[Frame]:
-    """Read ``nightlog.ecsv`` back into :class:`Frame` rows."""
-    from astropy.table import Table
-    import numpy as np
-    t = Table.read(path, format="ascii.ecsv")
-    out = []
-    for r in t:
-        d = {}
-        for c in COLUMNS:
-            v = r[c]
-            if np.ma.is_masked(v):
-                v = "" if t[c].dtype.kind in "US" else float("nan")
-            d[c] = v.item() if hasattr(v, "item") else v
-        d["ndet"] = int(d["ndet"])
-        for c in ("file", "type", "subtype", "object", "target", "filter", "date_obs", "night",
-                  "binning", "readout", "shape", "rule", "reason"):
-            d[c] = "" if d[c] is None else str(d[c])
-        out.append(Frame(**d))
+    """Read ``nightlog.ecsv`` back into :class:`Frame` rows.
+
+    ECSV is a space-delimited CSV under a ``#`` YAML header; it is parsed here with the
+    standard library (no astropy import), so making a night's tasks stays fast.
+    """
+    import csv
+    floats = {"exptime", "mjd", "airmass", "ra", "dec"}
+    with open(path, newline="") as fh:
+        rows = csv.reader((line for line in fh if not line.startswith("#")), delimiter=" ",
+                          quotechar='"')
+        header = next(rows, None)
+        if header is None:
+            return []
+        out = []
+        for row in rows:
+            d = dict(zip(header, row))
+            rec = {}
+            for c in COLUMNS:
+                v = d.get(c, "")
+                if c in floats:
+                    rec[c] = float(v) if v not in ("", "nan") else float("nan")
+                elif c == "ndet":
+                    rec[c] = int(v or 0)
+                else:
+                    rec[c] = v
+            out.append(Frame(**rec))
     return out
 
 

@@ -179,7 +179,7 @@ def test_night_goes_on_with_bad_frames(tmp_path):
     nd = tmp_path / "redux" / "20261120"
     os.chmod(raw, 0o555)
     try:
-        r = run_doit(nd)
+        r = run_doit(nd, "inventory")
     finally:
         os.chmod(raw, 0o755)
     assert "set aside empty.fits: empty file (0 bytes)" in r.stdout

@@ -59,7 +59,7 @@ WHT = {
 def _night(tmp_path, raw, utdate, instrument):
     run_cli("night", utdate, "--raw", str(raw), "--instrument", instrument, cwd=tmp_path)
     nd = tmp_path / "redux" / utdate
-    r = run_doit(nd)
+    r = run_doit(nd, "inventory")
     log = {f.file: f for f in read_nightlog(nd / "nightlog.ecsv")}
     return nd, r, log
 
@@ -81,7 +81,7 @@ def test_arcsat_nights(tmp_path, utdate):
         filters = {f.filter for f in log.values() if f.type == "science"}
         assert filters == {"sdss_u", "sdss_g", "sdss_r", "sdss_i", "sdss_z", "halpha"}
     # a second run does nothing
-    again = run_doit(nd)
+    again = run_doit(nd, "inventory")
     assert "-- inventory" in again.stdout
 
 

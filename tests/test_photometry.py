@@ -253,7 +253,10 @@ def test_limiting_mag_is_nsigma():
     assert r == pytest.approx(0.6731 * fwhm, rel=1e-3)
     t = P.aperture_photometry(img, unc, None, np.c_[xs, ys], r_ap=r, r_in=6, r_out=11)
     f = np.asarray(t["flux"])
-    assert np.mean(f) == pytest.approx(f_lim * P.gaussian_enclosed_fraction(r, fwhm), rel=0.05)
+    ee = P.gaussian_enclosed_fraction(r, fwhm, pixelated=True)
+    assert ee == pytest.approx(0.680, abs=1e-3)
+    # mean of 576 S/N-5 fluxes: +-0.9 % (1 sigma)
+    assert np.mean(f) == pytest.approx(f_lim * ee, rel=0.035)
     snr = np.mean(f) / np.std(f, ddof=1)
     assert 4.5 < snr < 5.5, snr   # the annulus error (A/n_sky ~ 5 %) is not in the formula
     # deeper for longer exposures / lower sky, as it must
@@ -301,6 +304,7 @@ def test_resample_conserves_star_flux(scale_out, rot):
     assert ok.sum() >= 30
     ratio = np.asarray(t_out["flux"])[ok] / np.asarray(t_in["flux"])[ok]
     assert abs(np.median(ratio) - 1) < 1e-3, np.median(ratio)
+    print("flux ratio out/in: median", np.median(ratio), "max dev", np.max(np.abs(ratio - 1)))
     assert np.max(np.abs(ratio - 1)) < 4e-3
     # a flat sky of 1 e-/px becomes J e-/output px
     flat = R.resample(np.ones(shape, np.float32), np.ones(shape, np.float32), None, win, wout,
@@ -440,7 +444,7 @@ def test_stack_dithered_frames():
                                phot[0]["flux_err"])
         assert abs(rsc.scale - true_scales[i]) < 4 * rsc.scale_err + 1e-12
         scales.append(rsc.scale)
-    st = R.stack(res, scales=scales, nsigma=3.0, exptimes=exptimes, mem_limit=64 * 2 ** 20)
+    st = R.stack(res, scales=scales, nsigma=4.0, exptimes=exptimes, mem_limit=64 * 2 ** 20)
     data, unc, mask, expmap, cnt = st
     assert data.shape == shape_out and cnt.max() == 5
     # coadd photometry vs injected fluxes (frame-0 level, aperture-corrected)

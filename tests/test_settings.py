@@ -239,9 +239,9 @@ def test_drop_in_night_toml_reruns_inventory(tmp_path):
     demo_frame(raw / "b.fits")
     run_cli("night", "20261120", "--raw", str(raw), "--instrument", "demo", cwd=tmp_path)
     nd = tmp_path / "redux" / "20261120"
-    run_doit(nd)
-    assert "-- inventory" in run_doit(nd).stdout
+    run_doit(nd, "inventory")
+    assert "-- inventory" in run_doit(nd, "inventory").stdout
     nt = nd / "night.toml"
     nt.write_text(nt.read_text().replace("drop = []", 'drop = ["b.fits"]'))
-    r = run_doit(nd)
+    r = run_doit(nd, "inventory")
     assert "set aside b.fits: dropped in night.toml" in r.stdout

@@ -680,40 +680,56 @@ def match_and_fit(stars, cat_ra, cat_dec, wcs0, *, shape: tuple[int, int], sip_d
     piso_c = np.flatnonzero(_isolated(cxy[:ncap], r_iso))
     if piso_s.size < 3 or piso_c.size < 3:   # a dense field: use everything
         piso_s, piso_c = np.arange(n_det), np.arange(n_cat)
-    r_match0 = 3.0   # px, after the pattern transform
-    best = None
-    tried = []
-    # small lists first: an exhausted astroalign search costs ~ (number of lists' triangles)^2
-    for ns in (max(12, n_pattern // 2), n_pattern, 2 * n_pattern):
+    r_match0 = 3.0   # px, pairs accepted after the pattern transform
+    centre = np.array([[(nx - 1) / 2.0, (ny - 1) / 2.0]])
+    # chance pairs within r_match0 for unrelated lists; demand well above that
+    chance = n_det * n_cat * math.pi * r_match0 ** 2 / ((nx + 2 * margin) * (ny + 2 * margin))
+    need = max(min_stars, int(math.ceil(3.0 * chance)) + 3)
+    good = max(need, int(0.25 * min(n_det, n_cat)))
+    best = None   # (transform, number of pairs, description)
+
+    def evaluate(T, how: str) -> bool:
+        nonlocal best
+        if T is None:
+            return False
+        shift = float(np.hypot(*(T(centre)[0] - centre[0])))
+        if abs(float(T.scale) - 1.0) > max_scale_error or shift > 1.5 * margin:
+            return False
+        nm = int(_nn_pairs(T(sxy), cxy, r_match0)[0].size)
+        if best is None or nm > best[1]:
+            best = (T, nm, how)
+        return nm >= good
+
+    # astroalign on the brightest isolated sources; small lists first (a search that
+    # finds nothing costs ~ the square of the number of similar triangles), at most
+    # n_pattern stars (an exhausted search on 80 crowded stars takes tens of seconds)
+    tried = set()
+    for ns in (max(12, n_pattern // 2), n_pattern):
         ns = min(int(ns), piso_s.size)
         nc = min(piso_c.size, int(math.ceil(ns * area_ratio)) + 5)
         if (ns, nc) in tried or ns < 3 or nc < 3:
             continue
-        tried.append((ns, nc))
-        for _attempt in range(2):   # astroalign's RANSAC is randomised: retry a rejected transform
+        tried.add((ns, nc))
+        for _attempt in range(2):   # astroalign's RANSAC is randomised: retry a weak answer once
             T = _find_transform(sxy[piso_s[:ns]], cxy[piso_c[:nc]])
-            if T is None:   # search exhausted: a retry would fail again
-                break
-            scale = float(T.scale)
-            centre = np.array([[(nx - 1) / 2.0, (ny - 1) / 2.0]])
-            shift = float(np.hypot(*(T(centre)[0] - centre[0])))
-            if abs(scale - 1.0) > max_scale_error or shift > 1.5 * margin:
-                continue
-            s_m, c_m, _ = _nn_pairs(T(sxy), cxy, r_match0)
-            if best is None or s_m.size > best[1]:
-                best = (T, s_m.size)
-            if s_m.size >= max(min_stars, 0.5 * min(n_det, n_cat)):
-                break
-        if best is not None and best[1] >= max(min_stars, 0.5 * min(n_det, n_cat)):
+            if T is None or evaluate(T, f"astroalign ({ns} stars, {nc} catalogue sources)"):
+                break               # None: search exhausted, a retry would fail again
+        if best is not None and best[1] >= good:
             break
-    if best is None or best[1] < min_stars:
+    if best is None or best[1] < good:
+        # fallback for crowded fields and lists ranked differently (other band): vote on
+        # star-catalogue offsets over a grid of small rotation / scale corrections
+        T = _vote_transform(sxy[:200], cxy[:400], centre[0], 1.5 * margin,
+                            min(max_scale_error, 0.03), 2.0)
+        evaluate(T, "offset vote")
+    if best is None or best[1] < need:
         return fail(f"no pattern match between {n_det} stars and {n_cat} catalogue sources",
                     n_det, n_cat, 0 if best is None else best[1])
     T = best[0]
+    notes: list[str] = [f"pattern match: {best[2]}, {best[1]} pairs within {r_match0:g} px"]
 
     # ---- refinement: TAN fit from the pattern pairs, then match / fit / clip
     s_m, c_m, _ = _nn_pairs(T(sxy), cxy, r_match0)
-    notes: list[str] = []
     wcs = _fit(sxy[s_m], ra_all[cidx[c_m]], dec_all[cidx[c_m]], wcs0, None, (nx, ny))
     radius = r_match0
     prev = None
@@ -781,6 +797,69 @@ def _find_transform(src: np.ndarray, dst: np.ndarray):
     if not np.all(np.isfinite(T.params)):
         return None
     return T
+
+
+class _Similarity:
+    """x' = c + s R(theta) (x - c) + t on (N, 2) point arrays (mimics skimage's transform)."""
+
+    def __init__(self, scale: float, rotation: float, translation, centre):
+        self.scale = float(scale)
+        self.rotation = float(rotation)   # [rad]
+        c, n = math.cos(self.rotation), math.sin(self.rotation)
+        a = self.scale * np.array([[c, -n], [n, c]])
+        ctr = np.asarray(centre, dtype=float)
+        b = ctr - a @ ctr + np.asarray(translation, dtype=float)
+        self.params = np.array([[a[0, 0], a[0, 1], b[0]], [a[1, 0], a[1, 1], b[1]], [0.0, 0.0, 1.0]])
+        self.translation = self.params[:2, 2].copy()
+
+    def __call__(self, xy):
+        xy = np.atleast_2d(np.asarray(xy, dtype=float))
+        return xy @ self.params[:2, :2].T + self.params[:2, 2]
+
+
+def _vote_transform(sxy: np.ndarray, cxy: np.ndarray, centre: np.ndarray, max_shift: float,
+                    max_scale: float, max_rot_deg: float, bin_px: float = 3.0):
+    """Pattern match by offset voting: the (rotation, scale) whose star-to-catalogue
+    offsets pile up most in one ``bin_px`` cell, with that cell's mean offset.
+
+    Handles any translation up to ``max_shift`` [px] but only small rotation and scale
+    errors (grid steps keep the misfit at the image corners within one bin).
+    """
+    from scipy.spatial import cKDTree
+
+    if len(sxy) < 3 or len(cxy) < 3:
+        return None
+    rmax = float(np.max(np.hypot(*(sxy - centre).T))) or 1.0
+    step = bin_px / rmax
+    rots = np.arange(-math.radians(max_rot_deg), math.radians(max_rot_deg) + 0.5 * step, step)
+    scales = 1.0 + np.arange(-max_scale, max_scale + 0.5 * step, step)
+    tree = cKDTree(cxy)
+    nb = int(math.ceil(2 * max_shift / bin_px))
+    edges = np.linspace(-max_shift, max_shift, nb + 1)
+    best = None
+    for th in rots:
+        for sc in scales:
+            T = _Similarity(sc, th, (0.0, 0.0), centre)
+            p = T(sxy)
+            lists = tree.query_ball_point(p, max_shift)
+            ii = np.repeat(np.arange(len(p)), [len(v) for v in lists])
+            if ii.size == 0:
+                continue
+            jj = np.fromiter((j for v in lists for j in v), dtype=np.int64, count=ii.size)
+            d = cxy[jj] - p[ii]
+            h, _, _ = np.histogram2d(d[:, 0], d[:, 1], bins=(edges, edges))
+            h2 = h[:-1, :-1] + h[1:, :-1] + h[:-1, 1:] + h[1:, 1:]   # 2x2 cells: no edge splits
+            k = int(np.argmax(h2))
+            peak = float(h2.flat[k])
+            if best is None or peak > best[0]:
+                i, j = np.unravel_index(k, h2.shape)
+                best = (peak, th, sc, edges[i + 1], edges[j + 1], d)
+    if best is None:
+        return None
+    _, th, sc, ox, oy, d = best
+    near = np.hypot(d[:, 0] - ox, d[:, 1] - oy) <= bin_px
+    off = d[near].mean(axis=0) if near.any() else np.array([ox, oy])
+    return _Similarity(sc, th, off, centre)
 
 
 def _isolated(xy: np.ndarray, radius: float) -> np.ndarray:

@@ -84,7 +84,7 @@ def choose_comparisons(cat_table, target_xy, *, n: int = 5, flux_col: str = "flu
                        saturation: float | None = None, target_radius: float = 3.0,
                        isolation_px: float = 12.0, isolation_frac: float = 0.01,
                        flux_series=None, err_series=None, var_clip: float = 2.0,
-                       max_iter: int = 3) -> np.ndarray:
+                       max_iter: int = 100) -> np.ndarray:
     """Pick comparison stars: bright, unsaturated, isolated and not variable.
 
     Parameters
@@ -115,8 +115,7 @@ def choose_comparisons(cat_table, target_xy, *, n: int = 5, flux_col: str = "flu
         ``var_clip`` times the median (over candidates) of the scatter-to-
         expected ratio.
     max_iter : int
-        Variability rejection iterations (the ensemble is rebuilt without the
-        rejected stars each time).
+        At most this many stars are rejected as variable (one per iteration).
 
     Returns
     -------
@@ -126,12 +125,16 @@ def choose_comparisons(cat_table, target_xy, *, n: int = 5, flux_col: str = "flu
 
     Notes
     -----
-    Variability: ``L_fs = ln F_fs - median_f ln F_fs``; the ensemble is the
-    per-frame median of ``L`` over the current candidates, the scatter of a star
-    the robust sigma (1.4826 MAD) of ``L_fs - E_f`` over frames, and its ratio
-    ``q_s`` to the expected scatter (median of ``err/flux``); stars with
-    ``q_s > var_clip * median(q)`` are dropped.  The ``n`` brightest survivors
-    are returned.
+    Variability: ``L_fs = ln F_fs - median_f ln F_fs``; for each candidate the
+    ensemble is the leave-one-out weighted mean ``E_fs`` of the other
+    candidates' ``L`` (weights ``1 / e_s^2``, ``e_s`` the expected relative
+    scatter: median of ``err/flux``), the star's scatter the robust sigma
+    (1.4826 MAD) of ``L_fs - E_fs`` over frames, and its ratio ``q_s`` to the
+    expected ``sqrt(e_s^2 + 1 / sum_others w)``.  The star with the largest
+    ``q_s`` is dropped while ``q_s > var_clip * median(q)`` (relative to the
+    median, so scintillation or error-model offsets common to all stars do not
+    reject everything), one at a time, the ensemble being rebuilt each time.
+    The ``n`` brightest survivors are returned.
     """
     from scipy.spatial import cKDTree
 
@@ -177,15 +180,24 @@ def choose_comparisons(cat_table, target_xy, *, n: int = 5, flux_col: str = "flu
         for _ in range(max(1, int(max_iter))):
             if cur.size < 3:
                 break
-            ens = np.nanmedian(L[:, cur], axis=1)
-            res = L[:, cur] - ens[:, None]
-            sc = _MAD * np.nanmedian(np.abs(res - np.nanmedian(res, axis=0)), axis=0)
-            q = sc / expct[cur]
+            w = 1.0 / expct[cur] ** 2
+            Lc = L[:, cur]
+            okv = np.isfinite(Lc)
+            wl = np.where(okv, w[None, :], 0.0)
+            sw = wl.sum(axis=1, keepdims=True)
+            swl = (wl * np.nan_to_num(Lc)).sum(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                # leave-one-out weighted ensemble and its expected noise
+                ens = (swl - wl * np.nan_to_num(Lc)) / (sw - wl)
+                ens_var = 1.0 / np.nanmedian(sw - wl, axis=0)
+                res = Lc - ens
+                sc = _MAD * np.nanmedian(np.abs(res - np.nanmedian(res, axis=0)), axis=0)
+                q = sc / np.sqrt(expct[cur] ** 2 + ens_var)
             qm = float(np.nanmedian(q))
-            keep = np.isfinite(q) & (q <= var_clip * qm)
-            if keep.all():
+            worst = int(np.nanargmax(np.where(np.isfinite(q), q, np.inf)))
+            if np.isfinite(q[worst]) and q[worst] <= var_clip * qm:
                 break
-            cur = cur[keep]
+            cur = np.delete(cur, worst)
         cand = cur
     order = np.argsort(-f[cand], kind="stable")
     return cand[order][: int(n)].astype(int)

@@ -363,7 +363,7 @@ class StackResult(tuple):
     cnt = property(lambda self: self[4])
 
 
-def stack(resampled: Sequence, *, scales=None, weights="ivar", nsigma: float = 3.0,
+def stack(resampled: Sequence, *, scales=None, weights="ivar", nsigma: float = 4.0,
           mem_limit: int | None = None, exptimes=None, unc_from: str = "input",
           threads: int = 1) -> StackResult:
     """Clipped, weighted mean of frames already resampled to one grid.

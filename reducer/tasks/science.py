@@ -80,12 +80,27 @@ def make_task_generator(night):
         frames, sets = _load_sets(night)
         for step in IMPLEMENTED:
             yield {"basename": STEP_NAMES[step], "name": None, "doc": STEP_DOCS[step]}
+        yield {"basename": "science", "name": None,
+               "doc": "every science target through the chain (science:TARGET for one)"}
         by_target: dict = {}
         for fr in science_frames(frames):
             tasks, last = frame_tasks(night, sets, fr)
             by_target.setdefault(fr.target, []).append(f"{tasks[-1]['basename']}:{tasks[-1]['name']}")
             yield from tasks
         for target, deps in sorted(by_target.items()):
-            yield {"name": target, "actions": None, "task_dep": deps,
+            yield {"basename": "science", "name": target, "actions": None, "task_dep": deps,
                    "doc": f"target {target}: {len(deps)} frame(s) through the chain"}
+
+    # `doit list` does not create delayed tasks: name the targets known so far in the doc
+    targets = known_targets(night)
+    task_science.__doc__ = ("Science targets through the chain: doit science, doit science:TARGET"
+                            + (f" ({', '.join(targets)})" if targets else ""))
     return task_science
+
+
+def known_targets(night) -> list[str]:
+    """Targets in the night log as it stands (cheap: no pixels)."""
+    if not night.nightlog.is_file():
+        return []
+    from ..inventory import read_nightlog
+    return sorted({f.target for f in science_frames(read_nightlog(night.nightlog))})
