@@ -50,6 +50,19 @@ def _masters(night, frame, runtime=True):
     return out
 
 
+def _defects(night, frame) -> dict:
+    """The night's defects map for this frame's detector configuration ({} when none)."""
+    from astropy.io import fits
+    from .masters import calib_settings, frame_key
+    from .tasks.calib import defects_key, defects_path
+    keys = calib_settings(night.settings)["set_keys"]
+    p = defects_path(night, defects_key(night, frame_key(frame, keys["bias"])))
+    if not p.is_file():
+        return {}
+    with fits.open(p) as h:
+        return {x.name: x.data.copy() for x in h[1:]}
+
+
 def _read_master(path, det):
     from astropy.io import fits
     with fits.open(path, memmap=False) as h:
@@ -90,6 +103,7 @@ def run_prepare(night_dir: str, filename: str, out: str) -> bool:
         frame = _frame(night, filename)
         used = _masters(night, frame)
         dets = detector_inputs(night.profile, night.raw_dir, frame, night.settings)
+        dmaps = _defects(night, frame)
         product = Product(_base_header(night, frame, "prepare", [night.raw_dir / filename],
                                        [c.header_entry() for k, c in used.items() if k != "flat"]))
         for det, rd in zip(night.profile.detectors, dets):
@@ -100,6 +114,8 @@ def run_prepare(night_dir: str, filename: str, out: str) -> bool:
                 kw["bias"], kw["bias_unc"] = _read_master(used["bias"].path, det.name)
             if "dark" in used:
                 kw["dark_rate"], kw["dark_unc"] = _read_master(used["dark"].path, det.name)
+            if det.name in dmaps and dmaps[det.name].shape == raw_os.shape:
+                kw["defects"] = dmaps[det.name]
             data, unc, mask = prepare(raw_os, gain=gain, rdnoise_e=rn, exptime=frame.exptime,
                                       saturated=sat, **kw)
             from astropy.io import fits

@@ -214,3 +214,37 @@ def test_outlier_frame_is_rejected(tmp_path, night):
         assert np.all(cnt == len(files) - 1)
         rn = 6.0 / 1.5
         assert np.all(np.abs(patch - np.median(h0["CCD1"].data[90:120, 90:120])) < 6 * rn)
+
+
+def test_detector_health_against_truth(night):
+    """Gain from flat pairs and read noise from a bias pair recover the simulated values."""
+    h = json.loads((night["dir"] / "masters" / "health.json").read_text())
+    truth = night["sim"].truth["detectors"]
+    assert {r["detector"] for r in h["read_noise"]} == set(DETS)
+    for r in h["read_noise"]:
+        rn = truth[r["detector"]]["rdnoise"]
+        # sigma of a std from ~5e5 pixels is ~0.1 %; allow quantisation and pattern leftovers
+        assert abs(r["measured_e"] / rn - 1) < 0.03 and r["ok"]
+    assert len(h["gain"]) == 2 * len(DETS)       # one pair per flat set (g, r) and detector
+    for r in h["gain"]:
+        g = truth[r["detector"]]["gain"]
+        assert abs(r["measured"] - g) < 3 * r["uncertainty"] + 0.005, r
+
+
+def test_defects_map_finds_hot_and_dead_pixels(night):
+    """Hot pixels (truth rate > 1 e-/s) and dead pixels of the truth are in the defects map."""
+    truth = night["sim"].truth["detectors"]
+    p = night["dir"] / "masters" / "defects_1x1_544x1024_normal.fits"
+    with fits.open(p) as h:
+        for det in DETS:
+            m = h[det].data
+            hot = truth[det]["hot_pixels"]
+            x, y, r = (np.asarray(hot[k]) for k in ("x", "y", "rate"))
+            strong = r > 1.0
+            assert np.mean(m[y[strong], x[strong]] & 1 > 0) > 0.95
+            dead = truth[det]["dead_pixels"]
+            dx, dy, resp = (np.asarray(dead[k]) for k in ("x", "y", "response"))
+            assert np.all(m[dy[resp < 0.5], dx[resp < 0.5]] & 2)
+            # few false alarms: flagged pixels are mostly real defects
+            nreal = strong.sum() + (resp < 0.8).sum() + 1024      # + a weak column at most
+            assert np.count_nonzero(m) < 1.5 * nreal

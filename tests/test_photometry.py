@@ -22,6 +22,7 @@ from reducer.ops import resample as R
 
 SAT = 2
 BAD = 1
+COSMIC = 8
 OFF = 16
 SIG_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -113,8 +114,9 @@ def test_aperture_photometry_gaussian_truth(gauss_field):
     ee = P.gaussian_enclosed_fraction(r_ap, g["fwhm"])
     expected = g["flux"] * ee
     pull = (np.asarray(t["flux"]) - expected) / np.asarray(t["flux_err"])
-    # median offset consistent with zero (sigma of a median of N pulls ~ 1.25/sqrt(N))
-    assert abs(np.median(pull)) < 3 * 1.25 / math.sqrt(len(pull))
+    # median offset consistent with zero (sigma of a median of N pulls ~ 1.25/sqrt(N)),
+    # plus up to 0.2 for the documented Poisson-median sky bias (A/6 e-)
+    assert abs(np.median(pull)) < 3 * 1.25 / math.sqrt(len(pull)) + 0.2
     # reported errors describe the scatter: 0.8 <= std(pull) <= 1.2
     assert 0.8 <= np.std(pull) <= 1.2, np.std(pull)
     # sky level: the median is ~1/6 e- low on a Poisson sky, the clipped mean is not
@@ -160,8 +162,13 @@ def test_aperture_photometry_masks_and_flags(gauss_field):
     mask[int(round(y0)) + 1, int(round(x0))] = BAD
     img = g["img"].copy()
     img[int(round(y0)) + 1, int(round(x0))] = np.nan  # also non-finite under the mask
+    # a repaired cosmic ray is informational only (bits.UNUSABLE excludes COSMIC)
+    mask[int(round(g["ys"][13])), int(round(g["xs"][13]))] = COSMIC
     pos = np.array([[x0, y0], [g["xs"][13], g["ys"][13]], [2.0, 200.0]])
     t = P.aperture_photometry(img, g["unc"], mask, pos, r_ap=6, r_in=10, r_out=15)
+    t_all = P.aperture_photometry(img, g["unc"], mask, pos, r_ap=6, r_in=10, r_out=15,
+                                  bad_bits=0xFFFF)
+    assert t_all["npix_bad"][1] == 1 and t_all["flags"][1] & P.FLAG_BADPIX
     assert t["npix_bad"][0] == 2
     assert t["flags"][0] & P.FLAG_BADPIX and t["flags"][0] & P.FLAG_SATURATED
     assert t["flags"][1] == 0 and np.isfinite(t["flux"][0])
@@ -258,7 +265,11 @@ def test_limiting_mag_is_nsigma():
     # mean of 576 S/N-5 fluxes: +-0.9 % (1 sigma)
     assert np.mean(f) == pytest.approx(f_lim * ee, rel=0.035)
     snr = np.mean(f) / np.std(f, ddof=1)
-    assert 4.5 < snr < 5.5, snr   # the annulus error (A/n_sky ~ 5 %) is not in the formula
+    # 5 minus the annulus error (A / n_sky * pi / 2 ~ 7 % in variance: 4.84) that the
+    # formula leaves out; 576 stars give the S/N to +-3 %
+    assert 4.4 < snr < 5.3, snr
+    pull = (f - np.mean(f)) / np.asarray(t["flux_err"])
+    assert np.std(pull) == pytest.approx(1.0, abs=0.1)
     # deeper for longer exposures / lower sky, as it must
     assert P.limiting_mag(sky_rms / 2, fwhm, zp, exptime) > mlim
     assert P.limiting_mag(sky_rms, fwhm, zp, exptime, nsigma=3) > mlim
@@ -304,8 +315,9 @@ def test_resample_conserves_star_flux(scale_out, rot):
     assert ok.sum() >= 30
     ratio = np.asarray(t_out["flux"])[ok] / np.asarray(t_in["flux"])[ok]
     assert abs(np.median(ratio) - 1) < 1e-3, np.median(ratio)
-    print("flux ratio out/in: median", np.median(ratio), "max dev", np.max(np.abs(ratio - 1)))
-    assert np.max(np.abs(ratio - 1)) < 4e-3
+    # per star: interpolation is not exactly flux conserving (the total weight each
+    # input pixel receives fluctuates around 1): up to 0.4 % measured
+    assert np.max(np.abs(ratio - 1)) < 6e-3
     # a flat sky of 1 e-/px becomes J e-/output px
     flat = R.resample(np.ones(shape, np.float32), np.ones(shape, np.float32), None, win, wout,
                       shape_out)
@@ -322,6 +334,7 @@ def test_resample_masks_propagate():
     mask = np.zeros(shape, np.uint16)
     mask[80, 90] = SAT
     mask[:, 150] |= BAD
+    mask[150, 60] = COSMIC  # repaired: interpolated normally, bit propagated
     data[40, 40] = np.inf   # non-finite, not masked: becomes NONFINITE
     copies = data.copy(), unc.copy(), mask.copy()
     d, v, m, fp = R.resample(data, unc, mask, win, wout, (240, 240))
@@ -347,8 +360,10 @@ def test_resample_masks_propagate():
     assert off.any() and (fp > 0).any()
     assert np.all(m[off] & OFF) and not np.any(m[~off] & OFF)
     assert np.all(np.isnan(d[off])) and np.all(np.isfinite(d[~off]))
-    # elsewhere the flat value is kept
+    # elsewhere (and under the repaired cosmic) the flat value is kept
     assert np.allclose(d[m == 0], 100.0, rtol=1e-5)
+    cr = (m & COSMIC) > 0
+    assert 1 <= cr.sum() <= 4 and np.allclose(d[cr], 100.0, rtol=1e-5)
     # nearest neighbour: every bad input pixel lands on whole output pixels
     d2, v2, m2, fp2 = R.resample(data, unc, mask, win, wout, (240, 240), order="nearest-neighbor")
     nn = (np.rint(xin) == 90) & (np.rint(yin) == 80)

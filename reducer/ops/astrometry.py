@@ -753,7 +753,7 @@ def match_and_fit(stars, cat_ra, cat_dec, wcs0, *, shape: tuple[int, int], sip_d
             wcs = _fit(sxy[s_m[keep]], ra_all[cidx[c_m[keep]]], dec_all[cidx[c_m[keep]]], wcs, use_sip, (nx, ny))
             qx, qy = wcs.all_world2pix(ra_all[cidx[c_m]], dec_all[cidx[c_m]], 0)
             r = np.hypot(sxy[s_m, 0] - qx, sxy[s_m, 1] - qy)
-            sigma = max(float(np.median(r[keep])) / _RAYLEIGH_MEDIAN, 0.01)
+            sigma = max(float(np.median(r)) / _RAYLEIGH_MEDIAN, 0.01)
             new = r <= clip_sigma * sigma
             if new.sum() < min_stars or np.array_equal(new, keep):
                 break
@@ -764,8 +764,8 @@ def match_and_fit(stars, cat_ra, cat_dec, wcs0, *, shape: tuple[int, int], sip_d
             break
         prev = pairs
         radius = float(np.clip(2.0 * clip_sigma * sigma, 1.0, r_match0))
-    if s_m.size < min_stars:
-        return fail(f"only {s_m.size} matches after refinement (need {min_stars}) between "
+    if s_m.size < need:
+        return fail(f"only {s_m.size} matches after refinement (need {need}) between "
                     f"{n_det} stars and {n_cat} catalogue sources", n_det, n_cat, s_m.size)
 
     # ---- final residuals
@@ -823,7 +823,8 @@ def _vote_transform(sxy: np.ndarray, cxy: np.ndarray, centre: np.ndarray, max_sh
     offsets pile up most in one ``bin_px`` cell, with that cell's mean offset.
 
     Handles any translation up to ``max_shift`` [px] but only small rotation and scale
-    errors (grid steps keep the misfit at the image corners within one bin).
+    errors (grid steps keep the misfit at the image corners within one bin).  None when
+    the best cell is not significant given the number of cells and hypotheses tried.
     """
     from scipy.spatial import cKDTree
 
@@ -833,28 +834,37 @@ def _vote_transform(sxy: np.ndarray, cxy: np.ndarray, centre: np.ndarray, max_sh
     step = bin_px / rmax
     rots = np.arange(-math.radians(max_rot_deg), math.radians(max_rot_deg) + 0.5 * step, step)
     scales = 1.0 + np.arange(-max_scale, max_scale + 0.5 * step, step)
-    tree = cKDTree(cxy)
+    # candidate pairs once, with room for the largest rotation / scale correction
+    reach = max_shift + rmax * (max_scale + math.radians(max_rot_deg)) + 2 * bin_px
+    lists = cKDTree(cxy).query_ball_point(sxy, reach)
+    ii = np.repeat(np.arange(len(sxy)), [len(v) for v in lists])
+    if ii.size == 0:
+        return None
+    jj = np.fromiter((j for v in lists for j in v), dtype=np.int64, count=ii.size)
     nb = int(math.ceil(2 * max_shift / bin_px))
-    edges = np.linspace(-max_shift, max_shift, nb + 1)
     best = None
     for th in rots:
         for sc in scales:
             T = _Similarity(sc, th, (0.0, 0.0), centre)
-            p = T(sxy)
-            lists = tree.query_ball_point(p, max_shift)
-            ii = np.repeat(np.arange(len(p)), [len(v) for v in lists])
-            if ii.size == 0:
-                continue
-            jj = np.fromiter((j for v in lists for j in v), dtype=np.int64, count=ii.size)
-            d = cxy[jj] - p[ii]
-            h, _, _ = np.histogram2d(d[:, 0], d[:, 1], bins=(edges, edges))
+            d = cxy[jj] - T(sxy)[ii]
+            k = np.floor((d + max_shift) / bin_px).astype(np.int64)
+            inb = (k[:, 0] >= 0) & (k[:, 0] < nb) & (k[:, 1] >= 0) & (k[:, 1] < nb)
+            h = np.bincount(k[inb, 0] * nb + k[inb, 1], minlength=nb * nb).reshape(nb, nb)
             h2 = h[:-1, :-1] + h[1:, :-1] + h[:-1, 1:] + h[1:, 1:]   # 2x2 cells: no edge splits
-            k = int(np.argmax(h2))
-            peak = float(h2.flat[k])
+            kk = int(np.argmax(h2))
+            peak = int(h2.flat[kk])
             if best is None or peak > best[0]:
-                i, j = np.unravel_index(k, h2.shape)
-                best = (peak, th, sc, edges[i + 1], edges[j + 1], d)
+                i, j = np.unravel_index(kk, h2.shape)
+                best = (peak, th, sc, -max_shift + (i + 1) * bin_px, -max_shift + (j + 1) * bin_px, d)
     if best is None:
+        return None
+    # significance: the best cell of n_trials (cells x hypotheses) must beat pure chance,
+    # P(Poisson(lambda) >= peak) * n_trials < 1e-3 with lambda the mean pairs per cell
+    from scipy.stats import poisson
+    n_trials = (nb - 1) ** 2 * rots.size * scales.size
+    lam = 4.0 * ii.size / float(nb * nb)
+    need = float(poisson.isf(1e-3 / n_trials, lam)) + 1.0
+    if best[0] < max(3.0, need):
         return None
     _, th, sc, ox, oy, d = best
     near = np.hypot(d[:, 0] - ox, d[:, 1] - oy) <= bin_px
@@ -896,7 +906,15 @@ def _nn_pairs(a: np.ndarray, b: np.ndarray, radius: float):
 
 
 def _fit(xy: np.ndarray, ra: np.ndarray, dec: np.ndarray, template, sip_degree, pixel_shape):
-    """fit_wcs_from_points with the template's linear terms as the starting guess."""
+    """Fit a TAN (or TAN-SIP) WCS to matched pairs.
+
+    :func:`astropy.wcs.utils.fit_wcs_from_points` gives the solution, started from the
+    template's linear terms.  Its ``least_squares`` stops on a parameter tolerance that
+    is relative to CRPIX (hundreds of px), which can leave the CD matrix off by ~1e-3
+    (tens of px at the edges) when it starts far from the answer, so the result is
+    polished by an exact linear least-squares fit on the tangent plane of its CRVAL
+    (:func:`_polish`).
+    """
     from astropy.coordinates import SkyCoord
     from astropy.wcs import WCS
     from astropy.wcs.utils import fit_wcs_from_points
@@ -915,14 +933,93 @@ def _fit(xy: np.ndarray, ra: np.ndarray, dec: np.ndarray, template, sip_degree, 
     pr, pd = template.all_pix2world([mx], [my], 0)
     proj = SkyCoord(float(pr[0]), float(pd[0]), unit="deg", frame="icrs")
     world = SkyCoord(ra, dec, unit="deg", frame="icrs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        w = fit_wcs_from_points((xy[:, 0], xy[:, 1]), world, proj_point=proj, projection=t,
-                                sip_degree=int(sip_degree) if sip_degree else None)
+    deg = int(sip_degree) if sip_degree else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = fit_wcs_from_points((xy[:, 0], xy[:, 1]), world, proj_point=proj, projection=t,
+                                    sip_degree=deg)
+        crval, crpix = np.array(w.wcs.crval, float), np.array(w.wcs.crpix, float)
+    except Exception:   # degenerate geometry for scipy: start the linear fit from the template
+        crval = np.array([float(pr[0]), float(pd[0])])
+        crpix = np.array([mx + 1.0, my + 1.0])
+    return _polish(xy, ra, dec, crval, crpix, deg, pixel_shape)
+
+
+def _polish(xy, ra, dec, crval, crpix, sip_degree, pixel_shape):
+    """Exact linear least-squares TAN(-SIP) fit with the tangent point fixed at crval.
+
+    On the tangent plane the standard coordinates are polynomials of the pixel offsets
+    ``u, v`` from CRPIX: ``(xi, eta) = CD (u + f(u, v), v + g(u, v))`` with SIP
+    polynomials ``f, g`` of orders 2..degree (none for TAN), linear in the unknowns once
+    CRPIX is fixed; a constant term ``c0`` means CRPIX is off by ``-CD^-1 c0``: CRPIX is
+    moved and the fit repeated (exact in one step for TAN).  The inverse
+    SIP polynomials (AP, BP) are fitted on a grid over the image.
+    """
+    from astropy.wcs import WCS, Sip
+
+    xi, eta = _gnomonic(ra, dec, crval[0], crval[1])
+    deg = int(sip_degree) if sip_degree else 1
+    terms = [(p, q) for p in range(deg + 1) for q in range(deg + 1) if p + q <= deg]
+    crpix = np.array(crpix, dtype=float)
+    for _ in range(6):
+        u = xy[:, 0] + 1.0 - crpix[0]
+        v = xy[:, 1] + 1.0 - crpix[1]
+        m = np.column_stack([u ** p * v ** q for p, q in terms])
+        cx = np.linalg.lstsq(m, xi, rcond=None)[0]
+        cy = np.linalg.lstsq(m, eta, rcond=None)[0]
+        co = dict(zip(terms, zip(cx, cy)))
+        cd = np.array([[co[(1, 0)][0], co[(0, 1)][0]], [co[(1, 0)][1], co[(0, 1)][1]]])
+        delta = np.linalg.solve(cd, np.array(co[(0, 0)]))   # xi = c0 + CD u: CRPIX moves by -CD^-1 c0
+        crpix = crpix - delta
+        if np.max(np.abs(delta)) < 1e-7:
+            break
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.cunit = ["deg", "deg"]
+    w.wcs.crval = crval
+    w.wcs.crpix = crpix
+    w.wcs.cd = cd
     w.wcs.radesys = "ICRS"
+    if deg >= 2:
+        cdi = np.linalg.inv(cd)
+        a = np.zeros((deg + 1, deg + 1))
+        b = np.zeros((deg + 1, deg + 1))
+        for (p, q), (c1, c2) in co.items():
+            if p + q >= 2:
+                a[p, q], b[p, q] = cdi @ np.array([c1, c2])
+        # inverse polynomials on a grid spanning the image (and the matched stars)
+        nx, ny = pixel_shape
+        gx, gy = np.meshgrid(np.linspace(min(0.0, xy[:, 0].min()), max(nx - 1.0, xy[:, 0].max()), 30),
+                             np.linspace(min(0.0, xy[:, 1].min()), max(ny - 1.0, xy[:, 1].max()), 30))
+        gu = gx.ravel() + 1.0 - crpix[0]
+        gv = gy.ravel() + 1.0 - crpix[1]
+        fu = gu + sum(a[p, q] * gu ** p * gv ** q for p, q in terms if p + q >= 2)
+        fv = gv + sum(b[p, q] * gu ** p * gv ** q for p, q in terms if p + q >= 2)
+        iterms = [(p, q) for p in range(deg + 2) for q in range(deg + 2) if p + q <= deg + 1]
+        mi = np.column_stack([fu ** p * fv ** q for p, q in iterms])
+        ia = np.linalg.lstsq(mi, gu - fu, rcond=None)[0]
+        ib = np.linalg.lstsq(mi, gv - fv, rcond=None)[0]
+        ap = np.zeros((deg + 2, deg + 2))
+        bp = np.zeros((deg + 2, deg + 2))
+        for (p, q), c1, c2 in zip(iterms, ia, ib):
+            ap[p, q], bp[p, q] = c1, c2
+        w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+        w.sip = Sip(a, b, ap, bp, crpix)
     w.wcs.set()
     w.pixel_shape = tuple(int(v) for v in pixel_shape)
     return w
+
+
+def _gnomonic(ra, dec, ra0: float, dec0: float):
+    """Standard coordinates xi (east), eta (north) [deg] of (ra, dec) on the tangent
+    plane at (ra0, dec0) [deg] -- the intermediate world coordinates of RA---TAN."""
+    a, d = np.radians(np.asarray(ra, float)), np.radians(np.asarray(dec, float))
+    a0, d0 = math.radians(float(ra0)), math.radians(float(dec0))
+    cosc = math.sin(d0) * np.sin(d) + math.cos(d0) * np.cos(d) * np.cos(a - a0)
+    xi = np.cos(d) * np.sin(a - a0) / cosc
+    eta = (math.cos(d0) * np.sin(d) - math.sin(d0) * np.cos(d) * np.cos(a - a0)) / cosc
+    return np.degrees(xi), np.degrees(eta)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -33,6 +33,17 @@ median of this ratio over the footprint is returned as
 in ``tests/test_photometry.py`` (per-pixel std of noise / sqrt(V) = 1, block
 sums / sqrt(sum S) = 1).
 
+Measured (``tests/test_photometry.py``, 512x512 heteroscedastic Gaussian noise
+rotated by 30 deg, bilinear; std of value / predicted sigma, 1 = right):
+single pixels 1.003 with 'pixel', 0.669 with 'sum' (``corr_factor`` 2.37);
+sums over b x b blocks with 'sum': 0.84 (b = 2), 0.92 (4), 0.98 (8), 1.02 (16),
+1.00 (32), with 'pixel': 1.26, 1.38, 1.47, 1.53, 1.50 (-> sqrt(corr_factor) =
+1.54); circular apertures (through :func:`reducer.ops.photometry.aperture_photometry`)
+r = 2, 4, 8 px: 0.97, 0.98, 0.92.  So 'sum' is right, or slightly conservative
+for areas of a few pixels (the boundary input pixels of a small block give only
+part of their weight to it).  A pure shift by (0.25, 0) px gives
+``corr_factor`` = 1 / (0.75^2 + 0.25^2) = 1.6.
+
 Flux conservation: the data are e- per *pixel*; with ``conserve_flux=True``
 the interpolated values are multiplied by ``J_j``, the area of output pixel j in
 input pixels (``|det d(x_in, y_in) / d(x_out, y_out)|``, from the WCS on a
@@ -40,7 +51,11 @@ coarse grid, interpolated), and the variances by ``J`` ('sum', since
 ``alpha_i ~ 1 / J`` then) or ``J^2`` ('pixel').  The 'sum' variance assumes
 ``J <~ 1`` (output pixels no larger than the input ones); for strong
 down-sampling interpolation aliases and a flux-conserving drizzle
-(``reproject_exact``/``reproject_adaptive``) is the right tool.
+(``reproject_exact``/``reproject_adaptive``) is the right tool.  Interpolation
+conserves flux on average but not star by star: the weight an input pixel
+gives away fluctuates around 1 with the sub-pixel phase, so a rotated star's
+aperture flux changes by up to 0.4 % (median 0.03 %, measured; 0.1 % at 0.8x
+pixel scale).
 """
 from __future__ import annotations
 
@@ -63,6 +78,15 @@ def _bit(name: str) -> int:
     except ImportError:
         return _DEFAULT_BITS[name]
     return int(getattr(_b, name, _DEFAULT_BITS[name]))
+
+
+def _unusable() -> int:
+    """Bits that make a pixel unusable (:data:`reducer.ops.bits.UNUSABLE`; all if absent)."""
+    try:
+        from reducer.ops import bits as _b
+    except ImportError:
+        return 0xFFFF
+    return int(getattr(_b, "UNUSABLE", 0xFFFF))
 
 
 # --------------------------------------------------------------------------- common grid
@@ -190,7 +214,7 @@ def pixel_area_ratio(wcs_in, wcs_out, shape_out, *, step: int = 32) -> np.ndarra
 
 def resample(data, unc, mask, wcs_in, wcs_out, shape_out, *, order: str = "bilinear",
              variance: str = "sum", conserve_flux: bool = True, weight_tol: float = 1e-6,
-             max_block_pixels: int = 2 ** 21) -> Resampled:
+             max_block_pixels: int = 2 ** 21, bad_bits: int | None = None) -> Resampled:
     """Resample an image, its variance and its mask onto another WCS grid.
 
     Parameters
@@ -200,8 +224,7 @@ def resample(data, unc, mask, wcs_in, wcs_out, shape_out, *, order: str = "bilin
     unc : ndarray, shape (ny, nx)
         1-sigma uncertainty, e-.
     mask : ndarray of uint16, shape (ny, nx), or None
-        Bit mask (0 good).  Non-finite ``data``/``unc`` with mask 0 count as
-        bad with the NONFINITE bit.
+        Bit mask (0 good).  Non-finite ``data``/``unc`` get the NONFINITE bit.
     wcs_in, wcs_out : astropy.wcs.WCS
         Input and output celestial WCS.
     shape_out : (ny_out, nx_out)
@@ -223,6 +246,11 @@ def resample(data, unc, mask, wcs_in, wcs_out, shape_out, *, order: str = "bilin
     max_block_pixels : int
         Output is computed in row blocks of at most this many pixels (memory:
         about 100 bytes per block pixel plus 32 bytes per input pixel).
+    bad_bits : int, optional
+        Bits whose pixels are not interpolated (zero-filled); default
+        :data:`reducer.ops.bits.UNUSABLE` (every bit if that module is
+        absent).  Pixels with other bits (COSMIC: repaired in the data) are
+        interpolated normally; *all* bits propagate to ``mask_out``.
 
     Returns
     -------
@@ -233,9 +261,9 @@ def resample(data, unc, mask, wcs_in, wcs_out, shape_out, *, order: str = "bilin
     Notes
     -----
     Bad input pixels are replaced by 0 (data and variance) before
-    interpolation, and every output pixel to which a bad pixel contributes with
-    weight > ``weight_tol`` gets that pixel's bits (so its value should not be
-    used).  Off-footprint output pixels are NaN with the OFFIMAGE bit.
+    interpolation.  Every output pixel to which a flagged input pixel
+    contributes with weight > ``weight_tol`` gets that pixel's bits (so, for
+    ``bad_bits``, its value should not be used).  Off-footprint output pixels are NaN with the OFFIMAGE bit.
 
     Implementation: one ``reproject_interp`` call per output block on the stack
     ``[data, var, X, Y]`` (X, Y = input pixel coordinates): bilinear
@@ -266,8 +294,9 @@ def resample(data, unc, mask, wcs_in, wcs_out, shape_out, *, order: str = "bilin
     ny_o, nx_o = (int(v) for v in shape_out)
     ny, nx = d.shape
     nonfin = ~(np.isfinite(d) & np.isfinite(u))
-    bits_in = m | np.where(nonfin & (m == 0), np.uint16(_bit("NONFINITE")), np.uint16(0))
-    bad = bits_in != 0
+    bits_in = m | np.where(nonfin, np.uint16(_bit("NONFINITE")), np.uint16(0))
+    bad = (bits_in & (_unusable() if bad_bits is None else int(bad_bits))) != 0
+    bad |= nonfin
 
     planes = np.empty((4, ny, nx), np.float64)
     np.copyto(planes[0], d, casting="unsafe")
@@ -365,7 +394,7 @@ class StackResult(tuple):
 
 def stack(resampled: Sequence, *, scales=None, weights="ivar", nsigma: float = 4.0,
           mem_limit: int | None = None, exptimes=None, unc_from: str = "input",
-          threads: int = 1) -> StackResult:
+          threads: int = 1, bad_bits: int | None = None) -> StackResult:
     """Clipped, weighted mean of frames already resampled to one grid.
 
     Parameters
@@ -397,6 +426,10 @@ def stack(resampled: Sequence, *, scales=None, weights="ivar", nsigma: float = 4
         few frames) or from the frame-to-frame scatter.
     threads : int
         Combine threads.
+    bad_bits : int, optional
+        Mask bits that exclude a value; default
+        :data:`reducer.ops.bits.UNUSABLE` (repaired COSMIC pixels are used;
+        add ``bits.COSMIC`` to leave them out where other frames cover).
 
     Returns
     -------
@@ -410,7 +443,7 @@ def stack(resampled: Sequence, *, scales=None, weights="ivar", nsigma: float = 4
           does, the OR of the frames' bits at that pixel (OFFIMAGE alone = not
           covered), NONFINITE if that OR is 0;
         - ``expmap`` float32, s: sum of the exposure times of the frames with
-          a valid (mask 0, finite) value at the pixel.  It counts coverage
+          a valid (no ``bad_bits``, finite) value at the pixel.  It counts coverage
           before clipping: values rejected by the clipping (cosmic rays,
           satellite trails) are not subtracted; ``cnt`` gives the survivors;
         - ``cnt`` int16, number of surviving frames.
@@ -422,6 +455,14 @@ def stack(resampled: Sequence, *, scales=None, weights="ivar", nsigma: float = 4
     values ``x_i = s_i d_i`` are clipped at ``nsigma`` robust sigmas about the
     median (no clipping for 2 values or fewer) and the survivors averaged with
     the frame weights.  The weights are per frame, not per pixel.
+
+    Choice of ``nsigma`` (default 4): with few frames the median and the
+    percentile sigma of a skewed (Poisson) sky make the clipping asymmetric and
+    pull the sky low, more than on stars (whose spread across frames is wider),
+    so aperture fluxes on the coadd come out high.  Measured with 5 dithered
+    frames, sky ~180 e-/px: coadd sky low by 0.32 e-/px at nsigma = 3 (median
+    star pull +0.28 sigma), 0.04 at 4, < 0.01 at 5; a 5000 e- cosmic ray is
+    rejected at all three.
     """
     from reducer.fitsio_strips import ArraySource
     from reducer.ops.combine import DEFAULT_MEM_LIMIT, combine
@@ -442,11 +483,12 @@ def stack(resampled: Sequence, *, scales=None, weights="ivar", nsigma: float = 4
     if ex.shape != (n,) or not np.all(np.isfinite(ex)) or np.any(ex < 0):
         raise ValueError(f"exptimes must be {n} finite numbers >= 0")
 
+    bb = _unusable() if bad_bits is None else int(bad_bits)
     valid = []
     for dd, vv, mm in frames:
         ok = np.isfinite(np.asarray(dd)) & np.isfinite(np.asarray(vv))
         if mm is not None:
-            ok &= np.asarray(mm) == 0
+            ok &= (np.asarray(mm) & bb) == 0
         valid.append(ok)
 
     if isinstance(weights, str):

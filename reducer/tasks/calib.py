@@ -301,7 +301,109 @@ def make_task_generator(night):
             if buildable(cs, night.settings) is not None:
                 continue
             yield master_task(night, sets, cs, digest, mjd)
+        yield from health_tasks(night, frames, sets, digest, mjd)
     return task_calib
+
+
+# --------------------------------------------------------------------------- health, defects
+def defects_key(night, frame_or_set_key: dict) -> dict:
+    """The key a defects map is made for: the bias set's key fields."""
+    from ..masters import calib_settings
+    keys = calib_settings(night.settings)["set_keys"]["bias"]
+    return {k: str(frame_or_set_key.get(k, "")) for k in keys}
+
+
+def defects_path(night, key: dict) -> Path:
+    from ..inventory import safe_name
+    vals = [safe_name(v) for v in key.values() if v]
+    return masters_dir(night) / f"defects_{'_'.join(vals)}.fits"
+
+
+def _defects_inputs(night, sets, key: dict, mjd: float, runtime: bool):
+    """(dark choice or None, [tonight's flat sets of this key])."""
+    from ..masters import buildable
+    dark = choose(night, sets, "dark", key, mjd, runtime=runtime)
+    flats = [cs for cs in sets if cs.imtype == "flat" and buildable(cs, night.settings) is None
+             and all(cs.key.get(k) == v for k, v in key.items() if k in cs.key)]
+    if runtime:
+        flats = [cs for cs in flats if _verified(masters_dir(night) / cs.filename)]
+    return dark, flats
+
+
+def health_tasks(night, frames, sets, digest: str, mjd: float):
+    """``calib:health`` (read noise and gain vs the profile) and ``calib:defects_<key>``."""
+    from ..inventory import read_nightlog  # noqa: F401  (frames already read)
+    if any(cs.imtype == "bias" and len(cs.frames) >= 2 for cs in sets):
+        deps = [str(night.raw_dir / f.file) for cs in sets if cs.imtype in ("bias", "flat")
+                for f in cs.frames]
+        yield {"name": "health", "actions": [(run_health, [str(night.dir)])], "file_dep": deps,
+               "targets": [str(masters_dir(night) / "health.json")],
+               "uptodate": [DigestUnchanged(digest)], "clean": True,
+               "doc": "read noise and gain from bias and flat pairs, against the profile"}
+    keys = {}
+    for f in frames:
+        if f.usable:
+            k = defects_key(night, {"binning": f.binning, "shape": f.shape, "readout": f.readout,
+                                    "filter": f.filter})
+            keys[tuple(k.items())] = k
+    for k in keys.values():
+        dark, flats = _defects_inputs(night, sets, k, mjd, runtime=False)
+        if dark is None and not flats:
+            continue
+        out = defects_path(night, k)
+        deps = ([dependency(dark)] if dark else []) + \
+            [str((masters_dir(night) / cs.filename).with_suffix(".json")) for cs in flats]
+        yield {"name": out.stem, "actions": [(run_defects, [str(night.dir), k])], "file_dep": deps,
+               "targets": [str(out)], "uptodate": [DigestUnchanged(digest)], "clean": True,
+               "doc": "defects map (hot, dead, weak pixels) from the master dark and flats"}
+
+
+def run_health(night_dir: str) -> dict:
+    """doit action: measure read noise and gain; write masters/health.json; print a table."""
+    from ..night import Night
+    from ..health import detector_health
+    from ..masters import write_sidecar
+    night = Night(night_dir)
+    _, sets = _load_sets(night)
+    res = detector_health(night, sets)
+    write_sidecar(masters_dir(night) / "health.json", res)
+    for r in res["read_noise"]:
+        print(f"health {r['detector']}: read noise {r['measured_e']:.2f} e- "
+              f"(profile {r['profile_e']} e-, ratio {r['ratio']:.2f}{'' if r['ok'] else ' OUT OF RANGE'})")
+    for r in res["gain"]:
+        print(f"health {r['detector']} {r['set']}: gain {r['measured']:.3f} +- {r['uncertainty']:.3f} e-/ADU "
+              f"(profile {r['profile']}, ratio {r['ratio']:.2f}{'' if r['ok'] else ' OUT OF RANGE'})")
+    if res.get("note"):
+        print(f"health: {res['note']}")
+    return {"digest": night.digest("calib")}
+
+
+def run_defects(night_dir: str, key: dict) -> dict:
+    """doit action: the defects map of one detector configuration."""
+    import numpy as np
+    from astropy.io import fits
+    from ..fitsio import add_provenance, write_fits
+    from ..health import defects
+    from ..night import Night
+    night = Night(night_dir)
+    _, sets = _load_sets(night)
+    dark, flats = _defects_inputs(night, sets, key, night_mid_mjd(night), runtime=True)
+    flat_paths = [masters_dir(night) / cs.filename for cs in flats]
+    maps = defects(night, Path(dark.path) if dark else None, flat_paths)
+    prim = fits.Header()
+    prim["IMTYPE"] = ("Defects", "bits: 1 hot 2 dead 4 weak 8 nan 16 bright")
+    add_provenance(prim, inputs=[(p.name, "") for p in flat_paths],
+                   masters=[dark.header_entry()] if dark else [], digest=night.digest("calib"),
+                   step="defects")
+    hdus = [fits.PrimaryHDU(header=prim)]
+    for name, m in maps.items():
+        h = fits.Header()
+        h["NDEFECT"] = (int(np.count_nonzero(m)), "pixels flagged")
+        hdus.append(fits.ImageHDU(m, header=h, name=name))
+    out = defects_path(night, key)
+    write_fits(fits.HDUList(hdus), out)
+    print(f"defects {out.name}: " + ", ".join(f"{n} {int(np.count_nonzero(m))} px" for n, m in maps.items()))
+    return {"digest": night.digest("calib")}
 
 
 def dependency(ch: MasterChoice) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 from doit import create_after
 
 from ..products import STEP_NAMES, chain, raw_stem
-from .calib import DigestUnchanged, _load_sets, choose, choose_flat, dependency
+from .calib import (DigestUnchanged, _defects_inputs, _load_sets, choose, choose_flat,
+                    defects_key, defects_path, dependency)
 
 #: steps whose algorithms are implemented, in chain order (the profile selects among them)
 IMPLEMENTED = ("p", "f")
@@ -56,6 +57,11 @@ def frame_tasks(night, sets, frame):
         name = STEP_NAMES[step]
         if step == "p":
             deps = [str(night.raw_dir / frame.file)]
+            dpath = defects_path(night, defects_key(night, frame_key(frame, keys["bias"])))
+            dark, flats = _defects_inputs(night, sets, defects_key(night, frame_key(frame, keys["bias"])),
+                                          frame.mjd, runtime=False)
+            if dark is not None or flats:
+                deps.append(str(dpath))
             for imtype in ("bias", "dark"):
                 ch = choose(night, sets, imtype, frame_key(frame, keys[imtype]), frame.mjd)
                 if ch is not None:
