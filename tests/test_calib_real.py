@@ -23,7 +23,7 @@ def _calib(root, cfg, raw, utdate):
     nd = root / "redux" / utdate
     out = run_doit(nd, "calib").stdout
     sides = {p.stem.removeprefix("master_"): json.loads(p.read_text())
-             for p in (nd / "masters").glob("*.json")}
+             for p in (nd / "masters").glob("master_*.json")}
     return nd, out, sides
 
 

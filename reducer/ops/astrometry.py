@@ -12,9 +12,11 @@ The ``a`` step solves each detector of each science frame in three stages:
    finds the pattern match between the brightest detections and the brightest
    catalogue sources with :func:`astroalign.find_transform` (triangle invariants; the
    similarity transform absorbs pointing errors, rotation and a scale error of a few
-   per cent), then refines: nearest-neighbour matching, a least-squares TAN (optionally
-   TAN-SIP) fit with :func:`astropy.wcs.utils.fit_wcs_from_points`, sigma clipping of
-   the residuals, iterated until the matched set no longer changes.
+   per cent; a fallback votes on star-catalogue offsets for crowded fields and lists
+   ranked differently), then refines: nearest-neighbour matching, a least-squares TAN
+   fit with :func:`astropy.wcs.utils.fit_wcs_from_points` polished by an exact linear
+   fit on the tangent plane (optionally with SIP distortion polynomials), sigma
+   clipping of the residuals, iterated until the matched set no longer changes.
 
 Conventions
 -----------
@@ -567,7 +569,9 @@ def match_and_fit(stars, cat_ra, cat_dec, wcs0, *, shape: tuple[int, int], sip_d
         Catalogue magnitudes (to pick the brightest for the pattern match); None keeps
         the given order (assumed brightest first).
     min_stars : int
-        Fewest detections, catalogue sources and final matches accepted (>= 3).
+        Fewest detections and catalogue sources accepted (>= 3); the final matches must
+        number at least this and well above the pairs expected by chance (3 x the
+        expected number of unrelated pairs within 3 px, plus 3).
     n_pattern : int
         Number of bright detections used for the pattern match (the catalogue list is
         scaled by the ratio of the search area to the image area).
@@ -578,6 +582,21 @@ def match_and_fit(stars, cat_ra, cat_dec, wcs0, *, shape: tuple[int, int], sip_d
     -------
     AstrometryResult
         ``reason`` is None when solved, else a one-line explanation (no exception).
+
+    Notes
+    -----
+    astroalign is tried on the ``n_pattern // 2`` and ``n_pattern`` brightest isolated
+    detections against as many catalogue sources per unit area; an answer is accepted
+    when it implies a scale within ``max_scale_error``, a shift within 1.5 x the search
+    radius and enough one-to-one pairs within 3 px.  If astroalign finds nothing good,
+    offsets between the 200 brightest detections and 400 brightest catalogue sources are
+    histogrammed (3 px cells) over a grid of rotations (+-2 deg) and scales (+-3 %), and
+    the best cell is taken when significant.  astroalign's RANSAC draws from an unseeded
+    generator, so the first-stage answer may vary between runs; the refined WCS does not
+    depend on it beyond its noise.  Clipping: sigma per axis is the median residual
+    length of all pairs within the matching radius / 1.1774 (Rayleigh), pairs beyond
+    ``clip_sigma`` sigma are dropped, and the next matching radius is
+    ``clip(2 * clip_sigma * sigma, 1, 3)`` px.
 
     Raises
     ------
@@ -594,19 +613,19 @@ def match_and_fit(stars, cat_ra, cat_dec, wcs0, *, shape: tuple[int, int], sip_d
     if sip_degree is not None and not (isinstance(sip_degree, (int, np.integer)) and 2 <= sip_degree <= 5):
         raise ValueError(f"sip_degree must be None or an integer 2..5, not {sip_degree!r}")
     try:
-        sx_all = np.asarray(stars["x"], dtype=float)
-        sy_all = np.asarray(stars["y"], dtype=float)
+        sx_all = _floats(stars["x"])
+        sy_all = _floats(stars["y"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"stars must have numeric 'x' and 'y' columns ({e})") from None
     if sx_all.shape != sy_all.shape or sx_all.ndim != 1:
         raise ValueError("stars 'x' and 'y' must be 1-D columns of equal length")
-    ra_all = np.asarray(cat_ra, dtype=float).ravel()
-    dec_all = np.asarray(cat_dec, dtype=float).ravel()
+    ra_all = _floats(cat_ra)
+    dec_all = _floats(cat_dec)
     if ra_all.shape != dec_all.shape:
         raise ValueError(f"cat_ra and cat_dec differ in length ({ra_all.size} vs {dec_all.size})")
     mag_all = None
     if cat_mag is not None:
-        mag_all = np.asarray(cat_mag, dtype=float).ravel()
+        mag_all = _floats(cat_mag)
         if mag_all.shape != ra_all.shape:
             raise ValueError("cat_mag must have the length of cat_ra")
     if wcs0 is None or not getattr(wcs0, "has_celestial", False):
@@ -629,7 +648,7 @@ def match_and_fit(stars, cat_ra, cat_dec, wcs0, *, shape: tuple[int, int], sip_d
     sidx = np.nonzero(np.isfinite(sx_all) & np.isfinite(sy_all))[0]
     flux = None
     try:
-        flux = np.asarray(stars["flux"], dtype=float)
+        flux = _floats(stars["flux"])
     except (KeyError, TypeError, ValueError):
         flux = None
     if flux is not None and flux.shape == sx_all.shape:
@@ -908,12 +927,15 @@ def _nn_pairs(a: np.ndarray, b: np.ndarray, radius: float):
 def _fit(xy: np.ndarray, ra: np.ndarray, dec: np.ndarray, template, sip_degree, pixel_shape):
     """Fit a TAN (or TAN-SIP) WCS to matched pairs.
 
-    :func:`astropy.wcs.utils.fit_wcs_from_points` gives the solution, started from the
-    template's linear terms.  Its ``least_squares`` stops on a parameter tolerance that
-    is relative to CRPIX (hundreds of px), which can leave the CD matrix off by ~1e-3
-    (tens of px at the edges) when it starts far from the answer, so the result is
-    polished by an exact linear least-squares fit on the tangent plane of its CRVAL
-    (:func:`_polish`).
+    :func:`astropy.wcs.utils.fit_wcs_from_points` fits the TAN solution, started from
+    the template's linear terms, with the tangent point at the matched stars' centroid.
+    Its ``least_squares`` stops on a parameter tolerance relative to CRPIX (hundreds of
+    px), which can leave the CD matrix off by ~1e-3 (px to tens of px at the edges)
+    when it starts far from the answer, so the result is polished by an exact linear
+    least-squares fit on the tangent plane of its CRVAL (:func:`_polish`), which also
+    fits the SIP polynomials when asked (the SIP polynomials are linear in their
+    coefficients there; fit_wcs_from_points' own nonlinear SIP fit takes ~0.6 s a call
+    and has the same tolerance problem, so it is not used).
     """
     from astropy.coordinates import SkyCoord
     from astropy.wcs import WCS
@@ -937,8 +959,7 @@ def _fit(xy: np.ndarray, ra: np.ndarray, dec: np.ndarray, template, sip_degree, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            w = fit_wcs_from_points((xy[:, 0], xy[:, 1]), world, proj_point=proj, projection=t,
-                                    sip_degree=deg)
+            w = fit_wcs_from_points((xy[:, 0], xy[:, 1]), world, proj_point=proj, projection=t)
         crval, crpix = np.array(w.wcs.crval, float), np.array(w.wcs.crpix, float)
     except Exception:   # degenerate geometry for scipy: start the linear fit from the template
         crval = np.array([float(pr[0]), float(pd[0])])
@@ -1031,6 +1052,11 @@ def _shape(shape) -> tuple[int, int]:
     if ny < 1 or nx < 1:
         raise ValueError(f"shape must be positive, not {shape!r}")
     return ny, nx
+
+
+def _floats(values) -> np.ndarray:
+    """1-D float64 array; masked entries become NaN."""
+    return np.ma.filled(np.ma.asarray(values).astype(np.float64), np.nan).ravel()
 
 
 def _pixel_scales_arcsec(wcs) -> np.ndarray:
