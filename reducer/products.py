@@ -8,8 +8,9 @@ adds no letter) and live in the target's folder of the night directory::
 
 Each product holds an empty primary HDU (provenance and frame keywords) and, per detector,
 three image HDUs: ``<DET>`` (data, e-), ``<DET>_UNC`` (1-sigma, e-) and ``<DET>_MASK``
-(uint16 bits of :mod:`reducer.ops.bits`). Files carry CHECKSUM/DATASUM and are written
-atomically.
+(uint16 bits of :mod:`reducer.ops.bits`); the ``s`` product also keeps the sky model it
+subtracted as ``<DET>_SKY`` (e-), which the ``z`` step gives astroscrappy as its background.
+Files carry CHECKSUM/DATASUM and are written atomically.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class Detector:
     unc: np.ndarray
     mask: np.ndarray
     header: object = None     # astropy Header (WCS, sky level ...) or None
+    sky: np.ndarray | None = None   # the sky model the s step subtracted (e-), kept in sfp
 
 
 @dataclass
@@ -72,10 +74,12 @@ def read_product(path: Path) -> Product:
     with fits.open(path, memmap=False) as h:
         prim = h[0].header.copy()
         dets = {}
-        names = [x.name for x in h[1:] if not x.name.endswith(("_UNC", "_MASK"))]
+        names = [x.name for x in h[1:] if not x.name.endswith(("_UNC", "_MASK", "_SKY"))]
         for n in names:
             dets[n] = Detector(h[n].data.astype(np.float32), h[f"{n}_UNC"].data.astype(np.float32),
                                h[f"{n}_MASK"].data.astype(np.uint16), h[n].header.copy())
+            if f"{n}_SKY" in h:
+                dets[n].sky = h[f"{n}_SKY"].data.astype(np.float32)
     return Product(prim, dets)
 
 
@@ -99,4 +103,9 @@ def write_product(product: Product, path: Path) -> None:
         for key, val, com in header_cards():
             hm[key] = (val, com)
         hdus.append(fits.ImageHDU(d.mask.astype(np.uint16), header=hm, name=f"{name}_MASK"))
+        if d.sky is not None:
+            hs = fits.Header()
+            hs["BUNIT"] = "electron"
+            hs["COMMENT"] = "sky model subtracted by the s step (used by z as its background)"
+            hdus.append(fits.ImageHDU(d.sky.astype(np.float32), header=hs, name=f"{name}_SKY"))
     write_fits(fits.HDUList(hdus), path)

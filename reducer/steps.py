@@ -159,3 +159,69 @@ def run_flatten(night_dir: str, filename: str, src: str, out: str) -> bool:
     except (StepError, ValueError, OSError) as exc:
         return _fail(filename, "flatten", exc)
     return {"digest": night.digest("flatten")}
+
+
+def _transform(night_dir: str, filename: str, src: str, out: str, step: str, fn) -> dict | bool:
+    """Read ``src``, apply ``fn(night, product) -> product`` and write ``out`` with provenance."""
+    from .fitsio import add_provenance
+    from .night import Night
+    night = Night(night_dir)
+    try:
+        prod = read_product(Path(src))
+        new = fn(night, prod)
+        add_provenance(new.header, digest=night.digest(step), step=step)
+        write_product(new, Path(out))
+    except (StepError, ValueError, OSError) as exc:
+        return _fail(filename, step, exc)
+    return {"digest": night.digest(step)}
+
+
+# --------------------------------------------------------------------------- s
+def _sky(night, prod: Product) -> Product:
+    from .ops.sky import estimate_sky, subtract_sky
+    opts = night.settings.get("sky", {})
+    out = Product(prod.header.copy())
+    levels = []
+    for name, d in prod.detectors.items():
+        res = estimate_sky(d.data, d.mask, box=int(opts.get("box", 64)),
+                           filter_size=int(opts.get("filter_size", 3)))
+        data, unc = subtract_sky(d.data, d.unc, res)
+        h = d.header.copy()
+        h["SKYLEVEL"] = (round(float(res.level), 3), "[e-/px] median sky subtracted")
+        h["SKYRMS"] = (round(float(res.rms_level), 3), "[e-] median sky noise per pixel")
+        levels.append((res.level, res.rms_level))
+        out.detectors[name] = Detector(data, unc, d.mask, h, sky=res.sky)
+    out.header["SKYLEVEL"] = (round(float(np.median([l for l, _ in levels])), 3), "[e-/px] sky level")
+    out.header["SKYRMS"] = (round(float(np.median([r for _, r in levels])), 3), "[e-] sky noise")
+    return out
+
+
+def run_sky(night_dir: str, filename: str, src: str, out: str):
+    """doit action: fp -> sfp (sky model with sources masked, subtracted; level and rms recorded)."""
+    return _transform(night_dir, filename, src, out, "sky", _sky)
+
+
+# --------------------------------------------------------------------------- z
+def _cosmics(night, prod: Product) -> Product:
+    from .ops.cosmics import clean_cosmics
+    opts = {k: v for k, v in night.settings.get("cosmics", {}).items()
+            if k in ("sigclip", "sigfrac", "objlim", "niter", "cleantype", "psfmodel")}
+    out = Product(prod.header.copy())
+    total = 0
+    for name, d in prod.detectors.items():
+        rn = float(d.header.get("RDNOISE", 0.0))
+        sat = float(d.header.get("SATURATE", 1e9))
+        sky = d.sky if d.sky is not None else 0.0
+        res = clean_cosmics(d.data, d.mask, sky_e=sky, rdnoise_e=rn, saturate_e=sat, **opts)
+        h = d.header.copy()
+        h["NCOSMIC"] = (res.ncosmic, "cosmic-ray events found and repaired")
+        h["NCRPIX"] = (res.npix, "pixels flagged COSMIC")
+        total += res.ncosmic
+        out.detectors[name] = Detector(res.data, d.unc, res.flag(d.mask), h)
+    out.header["NCOSMIC"] = (total, "cosmic-ray events, all detectors")
+    return out
+
+
+def run_cosmics(night_dir: str, filename: str, src: str, out: str):
+    """doit action: sfp -> zsfp (astroscrappy in electrons with the s step's sky as background)."""
+    return _transform(night_dir, filename, src, out, "cosmics", _cosmics)

@@ -16,11 +16,13 @@ from .calib import (DigestUnchanged, _defects_inputs, _load_sets, choose, choose
                     defects_key, defects_path, dependency)
 
 #: steps whose algorithms are implemented, in chain order (the profile selects among them)
-IMPLEMENTED = ("p", "f")
+IMPLEMENTED = ("p", "f", "s", "z")
 SCIENCE_TYPES = ("science", "standard")
 STEP_DOCS = {
     "p": "p: overscan, bias, dark; electrons with uncertainty and mask (one per frame)",
     "f": "f: divide by the master flat of the frame's filter (one per frame)",
+    "s": "s: subtract the sky (sources masked); level and rms in the header (one per frame)",
+    "z": "z: find and repair cosmic rays with astroscrappy (one per frame)",
 }
 
 
@@ -40,6 +42,20 @@ def product_path(night, frame, prefix: str) -> Path:
 
 def science_frames(frames):
     return [f for f in frames if f.usable and f.type in SCIENCE_TYPES]
+
+
+def _runners():
+    from .. import steps
+    return {"s": steps.run_sky, "z": steps.run_cosmics}
+
+
+class _Runners(dict):
+    def __missing__(self, key):
+        self.update(_runners())
+        return self[key]
+
+
+RUNNERS = _Runners()
 
 
 def frame_tasks(night, sets, frame):
@@ -70,6 +86,9 @@ def frame_tasks(night, sets, frame):
         elif step == "f":
             deps = [str(prev), dependency(choose_flat(night, sets, frame))]
             action = (run_flatten, [str(night.dir), frame.file, str(prev), str(out)])
+        else:
+            deps = [str(prev)]
+            action = (RUNNERS[step], [str(night.dir), frame.file, str(prev), str(out)])
         tasks.append({
             "basename": name, "name": stem, "actions": [action], "file_dep": deps,
             "targets": [str(out)], "uptodate": [DigestUnchanged(night.digest(name))],
