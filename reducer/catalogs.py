@@ -229,7 +229,7 @@ def gaia_cone(ra: float, dec: float, radius_deg: float, *, cache_dir, offline: b
         Propagate positions with the proper motions (linearly, sources without proper
         motion stay put) from the Gaia epoch J2016.0 to this Julian year (e.g. 2019.33).
     max_rows : int
-        ``TOP`` of the query (brightest first).
+        ``TOP`` of the query (brightest first); a truncated answer is cached as it is.
 
     Returns
     -------

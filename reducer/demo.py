@@ -38,7 +38,9 @@ def run_demo(where: Path, seed: int = 1) -> int:
         print(f"using the simulated night already in {raw}")
     site = SiteSettings(_merge(DEFAULTS, {"instrument": "demo", "raw": str(where / "raw" / "{utdate}"),
                                           "redux": str(where / "redux"),
-                                          "masters_store": str(where / "masters")}), None, where)
+                                          "masters_store": str(where / "masters"),
+                                          "catalog": {"path": str(where / "raw" / "refcat.ecsv")}}),
+                        None, where)
     res = make_night_dir(site, DEMO_UTDATE, raw=raw, instrument="demo")
     for tasks in DEMO_TASKS:
         rc = run_doit(res.path, *tasks)

@@ -161,6 +161,15 @@ def run_flatten(night_dir: str, filename: str, src: str, out: str) -> bool:
     return {"digest": night.digest("flatten")}
 
 
+def step_digest(night, step: str) -> str:
+    """Digest of what a step's result depends on among the settings: its own table, and the
+    reference catalogue and quality limits for the a and t steps."""
+    if step in ("astrometry", "zeropoint"):
+        return night.digest(step, night.settings.get("catalog", {}), night.settings.get("limits", {}),
+                            night.settings.get("photometry", {}))
+    return night.digest(step)
+
+
 def _transform(night_dir: str, filename: str, src: str, out: str, step: str, fn) -> dict | bool:
     """Read ``src``, apply ``fn(night, product) -> product`` and write ``out`` with provenance."""
     from .fitsio import add_provenance
@@ -169,11 +178,11 @@ def _transform(night_dir: str, filename: str, src: str, out: str, step: str, fn)
     try:
         prod = read_product(Path(src))
         new = fn(night, prod)
-        add_provenance(new.header, digest=night.digest(step), step=step)
+        add_provenance(new.header, digest=step_digest(night, step), step=step)
         write_product(new, Path(out))
     except (StepError, ValueError, OSError) as exc:
         return _fail(filename, step, exc)
-    return {"digest": night.digest(step)}
+    return {"digest": step_digest(night, step)}
 
 
 # --------------------------------------------------------------------------- s
@@ -225,3 +234,180 @@ def _cosmics(night, prod: Product) -> Product:
 def run_cosmics(night_dir: str, filename: str, src: str, out: str):
     """doit action: sfp -> zsfp (astroscrappy in electrons with the s step's sky as background)."""
     return _transform(night_dir, filename, src, out, "cosmics", _cosmics)
+
+
+# --------------------------------------------------------------------------- a
+def focal_crpix(profile, det_name: str, shapes: dict) -> tuple[float, float] | None:
+    """FITS pixel of the mosaic centre (the header pointing) in a detector's frame.
+
+    Detector offsets (``[wcs] offsets``: the focal-plane position of each detector's pixel
+    (1,1)) place the detectors; the pointing refers to the centre of their bounding box.
+    ``None`` (the detector's own centre) for a single detector without offsets.
+    """
+    offs = profile.table("wcs").get("offsets", {})
+    if not offs or det_name not in offs:
+        return None
+    xs, ys = [], []
+    for name, (ny, nx) in shapes.items():
+        ox, oy = offs.get(name, (0.0, 0.0))
+        xs += [ox, ox + nx]
+        ys += [oy, oy + ny]
+    cx, cy = (min(xs) + max(xs) - 1) / 2.0, (min(ys) + max(ys) - 1) / 2.0   # zero-based
+    ox, oy = offs[det_name]
+    return cx - ox + 1.0, cy - oy + 1.0
+
+
+def reference_catalog(night, ra: float, dec: float, radius_deg: float):
+    """The reference catalogue around a field: the configured file, or Gaia DR3 (cached).
+
+    Raises
+    ------
+    StepError
+        When no catalogue is configured or none can be had (one line, says what to set).
+    """
+    from .catalogs import CatalogError, CatalogUnavailable, cone, gaia_cone, load_catalog
+    c = night.settings.get("catalog", {})
+    try:
+        if c.get("path"):
+            path = Path(c["path"]).expanduser()
+            if not path.is_absolute():
+                path = night.site.base / path
+            tab = load_catalog(path, ra_column=c.get("ra_column", "ra"),
+                               dec_column=c.get("dec_column", "dec"))
+            return cone(tab, ra, dec, radius_deg)
+        if c.get("gaia"):
+            cache = c.get("cache_dir") or str(night.site.path("masters_store") / "gaia-cache")
+            return gaia_cone(ra, dec, radius_deg, cache_dir=cache)
+    except (CatalogError, CatalogUnavailable, OSError) as exc:
+        raise StepError(str(exc)) from None
+    raise StepError("no reference catalogue: set [catalog] path (or gaia = true) in reducer.toml "
+                    "or night.toml")
+
+
+def _astrometry(night, prod: Product) -> Product:
+    from astropy.wcs import WCS
+    from .ops.astrometry import detect_stars, initial_wcs, match_and_fit
+    opts = night.settings.get("astrometry", {})
+    w = night.profile.table("wcs")
+    ra, dec = prod.header.get("RA"), prod.header.get("DEC")
+    tgt = night.settings.get("targets", {}).get(prod.header.get("OBJECT", ""), {})
+    if tgt:
+        from .headers import parse_angle
+        ra, dec = parse_angle(tgt["ra"], "ra"), parse_angle(tgt["dec"], "dec")
+    if ra is None or dec is None:
+        raise StepError("no pointing (RA/DEC) in the header and none in night.toml [targets]")
+    scale = float(w.get("pixel_scale", 1.0))
+    shapes = {n: d.data.shape for n, d in prod.detectors.items()}
+    span = max(max(s) for s in shapes.values()) * scale / 3600.0
+    cat = reference_catalog(night, float(ra), float(dec), radius_deg=1.2 * span)
+    out = Product(prod.header.copy())
+    rms, nmat = [], 0
+    for name, d in prod.detectors.items():
+        wcs0 = initial_wcs(float(ra), float(dec), shape=d.data.shape, pixel_scale_arcsec=scale,
+                           rotation_deg=float(w.get("rotation", 0.0)),
+                           flip_x=bool(w.get("flip_x", True)),
+                           crpix=focal_crpix(night.profile, name, shapes))
+        sat = d.header.get("SATURATE")
+        stars = detect_stars(d.data, d.mask, fwhm_px=float(opts.get("fwhm_px", 3.0)),
+                             saturation=float(sat) if sat else None)
+        res = match_and_fit(stars, cat["ra"], cat["dec"], wcs0, shape=d.data.shape,
+                            sip_degree=opts.get("sip_degree"))
+        if not res.ok:
+            raise StepError(f"{name}: {res.reason}")
+        h = d.header.copy()
+        for k in list(h.keys()):
+            if k.startswith(("CD1_", "CD2_", "CRPIX", "CRVAL", "CTYPE", "CUNIT", "A_", "B_", "AP_", "BP_")):
+                h.remove(k, ignore_missing=True, remove_all=True)
+        h.update(res.wcs.to_header(relax=True))
+        h["ASTRMS"] = (round(float(res.rms_arcsec), 4), "[arcsec] astrometric rms")
+        h["ASTNMAT"] = (int(res.nmatch), "stars matched to the reference catalogue")
+        h["ASTOFFS"] = (round(float(res.offset_arcsec), 2), "[arcsec] header pointing error")
+        rms.append(res.rms_arcsec)
+        nmat += res.nmatch
+        out.detectors[name] = Detector(d.data, d.unc, d.mask, h)
+    out.header["ASTRMS"] = (round(float(np.median(rms)), 4), "[arcsec] median astrometric rms")
+    out.header["ASTNMAT"] = (nmat, "matched stars, all detectors")
+    return out
+
+
+def run_astrometry(night_dir: str, filename: str, src: str, out: str):
+    """doit action: zsfp -> azsfp (detect stars, match the catalogue, fit TAN(-SIP))."""
+    return _transform(night_dir, filename, src, out, "astrometry", _astrometry)
+
+
+# --------------------------------------------------------------------------- t
+def catalog_mag_column(night, filt: str) -> str | None:
+    """Catalogue magnitude column of a filter: ``[photometry] bands`` maps a filter to a band,
+    ``[catalog] mag_columns`` a band to a column (default ``mag_<band>``)."""
+    band = night.profile.table("photometry").get("bands", {}).get(filt, filt)
+    cols = night.settings.get("catalog", {}).get("mag_columns", {})
+    return cols.get(band, f"mag_{band}")
+
+
+def _zeropoint(night, prod: Product) -> Product:
+    from astropy.wcs import WCS
+    from .ops.photometry import aperture_photometry, fwhm_estimate, instrumental_mag, zero_point
+    opts = night.settings.get("photometry", {})
+    limits = night.profile.raw.get("limits", {}) | night.settings.get("limits", {})
+    exptime = float(prod.header["EXPTIME"])
+    col = catalog_mag_column(night, prod.header.get("FILTER", ""))
+    scale = float(night.profile.table("wcs").get("pixel_scale", 1.0))
+    ra0, dec0 = prod.header.get("RA"), prod.header.get("DEC")
+    shapes = [d.data.shape for d in prod.detectors.values()]
+    cat = reference_catalog(night, float(ra0), float(dec0),
+                            radius_deg=1.2 * max(max(s) for s in shapes) * scale / 3600.0)
+    calibrated = col in cat.colnames
+    inst, ierr, cmag, fwhms = [], [], [], []
+    for name, d in prod.detectors.items():
+        wcs = WCS(d.header)
+        x, y = wcs.world_to_pixel_values(np.asarray(cat["ra"]), np.asarray(cat["dec"]))
+        ny, nx = d.data.shape
+        inside = (x > 20) & (x < nx - 21) & (y > 20) & (y < ny - 21)
+        if not inside.any():
+            continue
+        xy = np.column_stack([x[inside], y[inside]])
+        fw = fwhm_estimate(d.data, xy, mask=d.mask, saturation=d.header.get("SATURATE"))
+        if np.isfinite(fw):
+            fwhms.append(fw)
+        r = float(opts.get("aperture_fwhm", 2.0)) * (fw if np.isfinite(fw) else 3.0)
+        tab = aperture_photometry(d.data, d.unc, d.mask, xy, r_ap=r, r_in=r + 5, r_out=r + 12,
+                                  bkg_stat="mean")
+        good = (tab["flags"] == 0) & (tab["flux"] > 0)
+        m, e = instrumental_mag(np.asarray(tab["flux"]), np.asarray(tab["flux_err"]), exptime)
+        inst.append(m[good])
+        ierr.append(e[good])
+        if calibrated:
+            cmag.append(np.asarray(cat[col])[inside][good])
+    out = Product(prod.header.copy(), prod.detectors)
+    h = out.header
+    fwhm = float(np.median(fwhms)) if fwhms else float("nan")
+    h["FWHM"] = (round(fwhm * scale, 3) if np.isfinite(fwhm) else "nan", "[arcsec] median stellar FWHM")
+    reasons = []
+    if calibrated and inst:
+        zp = zero_point(np.concatenate(inst), np.concatenate(ierr), np.concatenate(cmag),
+                        min_stars=int(opts.get("min_stars", 3)))
+        h["PHOTZP"] = (round(float(zp.zp), 4), "[mag] zero point: m = -2.5log10(e-/s) + PHOTZP")
+        h["PHOTZPER"] = (round(float(zp.zp_err), 4), "[mag] zero point uncertainty")
+        h["PHOTNSTR"] = (int(zp.n_used), "stars used for the zero point")
+        h["PHOTCAL"] = (True, "calibrated against the catalogue column " + col)
+        # flux scale to a common zero point: data x FLXSCALE is on the PHOTZP = ZPREF system
+        zref = float(opts.get("zp_reference", 25.0))
+        h["FLXSCALE"] = (float(10 ** (0.4 * (zref - zp.zp))), f"flux scale to zero point {zref}")
+        if "zp_min" in limits and zp.zp < limits["zp_min"]:
+            reasons.append(f"zero point {zp.zp:.2f} below {limits['zp_min']}")
+    else:
+        h["PHOTCAL"] = (False, f"no catalogue magnitudes ({col}): uncalibrated")
+        h["FLXSCALE"] = (1.0, "uncalibrated: relative scale 1")
+    if "fwhm_max_arcsec" in limits and np.isfinite(fwhm) and fwhm * scale > limits["fwhm_max_arcsec"]:
+        reasons.append(f"FWHM {fwhm * scale:.2f}\" above {limits['fwhm_max_arcsec']}\"")
+    if "astrms_max_arcsec" in limits and h.get("ASTRMS", 0) > limits["astrms_max_arcsec"]:
+        reasons.append(f"astrometric rms {h['ASTRMS']}\" above {limits['astrms_max_arcsec']}\"")
+    h["QUALFLAG"] = (not reasons, "True: good for stacks")
+    if reasons:
+        h["QUALWHY"] = ("; ".join(reasons)[:68], "why the frame is left out of stacks")
+    return out
+
+
+def run_zeropoint(night_dir: str, filename: str, src: str, out: str):
+    """doit action: azsfp -> tazsfp (zero point, flux scale, FWHM, quality flag)."""
+    return _transform(night_dir, filename, src, out, "zeropoint", _zeropoint)

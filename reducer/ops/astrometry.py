@@ -216,8 +216,10 @@ def detect_stars(data, mask=None, *, fwhm_px: float = 3.0, nsigma: float = 5.0, 
     ``box_size`` px, default ``max(64, 16 * fwhm_px)``) on images at least two boxes
     wide, else one sigma-clipped median.  Candidates: ``DAOStarFinder`` above
     ``nsigma`` x the background RMS.  Centroids: iterative Gaussian-windowed centroid
-    (SExtractor ``XWIN``), window sigma = measured median FWHM / 2.355; for a bright
-    isolated star its error is set by photon noise alone (well below 0.02 px).
+    (SExtractor ``XWIN``), first with a window from ``fwhm_px``, then from the measured
+    stellar FWHM (the densest mode of the sources' FWHMs, so that hot pixels, cosmic
+    rays and galaxy knots do not bias it): window sigma = FWHM / 2.355.  For a bright
+    isolated star the centroid error is set by photon noise alone (well below 0.02 px).
 
     Parameters
     ----------
@@ -247,8 +249,8 @@ def detect_stars(data, mask=None, *, fwhm_px: float = 3.0, nsigma: float = 5.0, 
         Sorted by decreasing flux: ``x``, ``y`` (zero-based) [px], ``flux`` (background-
         subtracted sum within 2 FWHM) [data units], ``peak`` [data units above the
         background], ``fwhm`` (from the windowed second moments, Gaussian-equivalent)
-        [px] and ``flags`` (``FLAG_*`` bits).  ``meta``: ``fwhm_px`` (median FWHM of the
-        good sources), ``bkg_rms``, ``threshold``, ``n_candidates``.
+        [px] and ``flags`` (``FLAG_*`` bits).  ``meta``: ``fwhm_px`` (the stellar FWHM
+        [px]), ``bkg_rms``, ``threshold`` [data units], ``n_candidates``.
     """
     from astropy.table import Table
 
@@ -264,7 +266,6 @@ def detect_stars(data, mask=None, *, fwhm_px: float = 3.0, nsigma: float = 5.0, 
             raise ValueError(f"mask shape {m.shape} differs from data shape {img.shape}")
         bad |= m
     sat = np.zeros(img.shape, bool) if saturation is None else (img >= float(saturation)) & ~bad
-    ny, nx = img.shape
     box = int(box_size) if box_size else int(max(64, round(16 * float(fwhm_px))))
     bkg, rms = _background(img, bad | sat, box)
     sub = np.where(bad, 0.0, img - bkg)
@@ -279,6 +280,7 @@ def detect_stars(data, mask=None, *, fwhm_px: float = 3.0, nsigma: float = 5.0, 
     empty.meta.update(fwhm_px=float(fwhm_px), bkg_rms=rms, threshold=threshold, n_candidates=0)
 
     x0, y0 = _dao_candidates(sub, bad, threshold, float(fwhm_px))
+    x0, y0 = x0[:max(10 * int(max_stars), 3000)], y0[:max(10 * int(max_stars), 3000)]  # memory
     if x0.size == 0:
         return empty
     ncand = int(x0.size)
@@ -294,7 +296,7 @@ def detect_stars(data, mask=None, *, fwhm_px: float = 3.0, nsigma: float = 5.0, 
     ys = np.where(ok, res["y"], y0)
     res = _measure(sub, img, bad, sat, xs, ys, fw, gain=2.0)
 
-    # shape flags relative to the median FWHM of the clean sources
+    # shape flags relative to the stellar FWHM
     flags = res["flags"]
     fw_med = _stellar_fwhm(res, fw) or fw
     f = res["fwhm"]

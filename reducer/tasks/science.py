@@ -12,17 +12,20 @@ from pathlib import Path
 from doit import create_after
 
 from ..products import STEP_NAMES, chain, raw_stem
+from ..steps import step_digest
 from .calib import (DigestUnchanged, _defects_inputs, _load_sets, choose, choose_flat,
                     defects_key, defects_path, dependency)
 
 #: steps whose algorithms are implemented, in chain order (the profile selects among them)
-IMPLEMENTED = ("p", "f", "s", "z")
+IMPLEMENTED = ("p", "f", "s", "z", "a", "t")
 SCIENCE_TYPES = ("science", "standard")
 STEP_DOCS = {
     "p": "p: overscan, bias, dark; electrons with uncertainty and mask (one per frame)",
     "f": "f: divide by the master flat of the frame's filter (one per frame)",
     "s": "s: subtract the sky (sources masked); level and rms in the header (one per frame)",
     "z": "z: find and repair cosmic rays with astroscrappy (one per frame)",
+    "a": "a: astrometric solution against the reference catalogue (one per frame)",
+    "t": "t: zero point, flux scale, FWHM and quality flag (one per frame)",
 }
 
 
@@ -46,7 +49,8 @@ def science_frames(frames):
 
 def _runners():
     from .. import steps
-    return {"s": steps.run_sky, "z": steps.run_cosmics}
+    return {"s": steps.run_sky, "z": steps.run_cosmics, "a": steps.run_astrometry,
+            "t": steps.run_zeropoint}
 
 
 class _Runners(dict):
@@ -91,7 +95,7 @@ def frame_tasks(night, sets, frame):
             action = (RUNNERS[step], [str(night.dir), frame.file, str(prev), str(out)])
         tasks.append({
             "basename": name, "name": stem, "actions": [action], "file_dep": deps,
-            "targets": [str(out)], "uptodate": [DigestUnchanged(night.digest(name))],
+            "targets": [str(out)], "uptodate": [DigestUnchanged(step_digest(night, name))],
             "clean": True, "doc": f"{name} {frame.file}",
         })
         prev = out
