@@ -307,11 +307,12 @@ def _astrometry(night, prod: Product) -> Product:
                            rotation_deg=float(w.get("rotation", 0.0)),
                            flip_x=bool(w.get("flip_x", True)),
                            crpix=focal_crpix(night.profile, name, shapes))
-        sat = d.header.get("SATURATE")
-        stars = detect_stars(d.data, d.mask, fwhm_px=float(opts.get("fwhm_px", 3.0)),
+        sat = d.header.get("SATURATE")          # e- (the p step converts it)
+        from .ops.bits import UNUSABLE
+        stars = detect_stars(d.data, d.mask & UNUSABLE, fwhm_px=float(opts.get("fwhm_px", 3.0)),
                              saturation=float(sat) if sat else None)
         res = match_and_fit(stars, cat["ra"], cat["dec"], wcs0, shape=d.data.shape,
-                            sip_degree=opts.get("sip_degree"))
+                            sip_degree=opts.get("sip_degree"), cat_mag=_brightness(night, cat, prod))
         if not res.ok:
             raise StepError(f"{name}: {res.reason}")
         h = d.header.copy()
@@ -328,6 +329,15 @@ def _astrometry(night, prod: Product) -> Product:
     out.header["ASTRMS"] = (round(float(np.median(rms)), 4), "[arcsec] median astrometric rms")
     out.header["ASTNMAT"] = (nmat, "matched stars, all detectors")
     return out
+
+
+def _brightness(night, cat, prod):
+    """Catalogue magnitudes to rank sources for pattern matching: the frame's band, else any."""
+    col = catalog_mag_column(night, prod.header.get("FILTER", ""))
+    for c in [col, "phot_g_mean_mag", *[n for n in cat.colnames if n.startswith("mag")]]:
+        if c in cat.colnames:
+            return np.asarray(cat[c], dtype=float)
+    return None
 
 
 def run_astrometry(night_dir: str, filename: str, src: str, out: str):
