@@ -3,8 +3,9 @@
 Each ``run_*`` function is a doit action for one frame and one step: it reads the previous
 step's product (or the raw frame), calls the pure algorithm in :mod:`reducer.ops`, and writes
 the next product atomically with provenance. A frame that cannot go on prints one line
-naming the file and the reason and the action reports failure, so doit (run with
-``continue``) leaves out what depends on it and finishes the rest of the night.
+naming the file and the reason and leaves, in place of its product, a record of the failure
+(see :func:`_fail`): the later steps pass it on, the stacks leave the frame out and the
+reports give the reason, while the rest of the night finishes.
 """
 from __future__ import annotations
 
@@ -28,9 +29,30 @@ def _frame(night, filename):
     raise StepError(f"{filename} is not in nightlog.ecsv")
 
 
-def _fail(filename: str, step: str, exc: Exception) -> bool:
-    print(f"{step} {filename}: {exc}", file=sys.stderr)
-    return False
+def _fail(night, filename: str, step: str, exc: Exception, out) -> dict:
+    """Record a frame that cannot go on: print one line, and write in place of the product a
+    record (an empty FITS with FAILED = T and the reason) so that the rest of the chain, the
+    stacks and the reports go on without it and say why. The record is replaced as soon as
+    the step succeeds (a new master, a pinned flat, a fixed setting)."""
+    from astropy.io import fits
+    from .fitsio import add_provenance
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    print(f"{step} {filename}: {reason}")
+    h = fits.Header()
+    h["FAILED"] = (True, "this frame did not go through the chain")
+    h["FAILSTEP"] = (step, "step that failed")
+    h["FAILWHY"] = (reason[:68], "why")
+    h["RAWFILE"] = (filename[-68:], "raw frame")
+    if len(reason) > 68:
+        h.add_comment(reason)
+    add_provenance(h, digest=step_digest(night, step), step=step)
+    write_product(Product(h), Path(out))
+    return {"digest": step_digest(night, step), "failed": reason}
+
+
+def _check_not_failed(prod: Product) -> None:
+    if prod.header.get("FAILED"):
+        raise StepError(f"failed earlier at {prod.header.get('FAILSTEP')}: {prod.header.get('FAILWHY')}")
 
 
 def _masters(night, frame, runtime=True):
@@ -129,8 +151,8 @@ def run_prepare(night_dir: str, filename: str, out: str) -> bool:
             product.detectors[det.name] = Detector(data, unc, mask, dh)
         write_product(product, Path(out))
     except (StepError, ValueError, OSError) as exc:
-        return _fail(filename, "prepare", exc)
-    return {"digest": night.digest("prepare")}
+        return _fail(night, filename, "prepare", exc, out)
+    return {"digest": step_digest(night, "prepare")}
 
 
 # --------------------------------------------------------------------------- f
@@ -145,6 +167,7 @@ def run_flatten(night_dir: str, filename: str, src: str, out: str) -> bool:
         if "flat" not in used:
             raise StepError(f"no usable flat for filter {frame.filter!r} tonight nor by fallback")
         prod = read_product(Path(src))
+        _check_not_failed(prod)
         low = float(night.settings.get("flatten", {}).get("low", 0.5))
         hdr = prod.header.copy()
         from .fitsio import add_provenance
@@ -157,8 +180,8 @@ def run_flatten(night_dir: str, filename: str, src: str, out: str) -> bool:
             out_p.detectors[name] = Detector(data, unc, mask, d.header)
         write_product(out_p, Path(out))
     except (StepError, ValueError, OSError) as exc:
-        return _fail(filename, "flatten", exc)
-    return {"digest": night.digest("flatten")}
+        return _fail(night, filename, "flatten", exc, out)
+    return {"digest": step_digest(night, "flatten")}
 
 
 def step_digest(night, step: str) -> str:
@@ -177,11 +200,12 @@ def _transform(night_dir: str, filename: str, src: str, out: str, step: str, fn)
     night = Night(night_dir)
     try:
         prod = read_product(Path(src))
+        _check_not_failed(prod)
         new = fn(night, prod)
         add_provenance(new.header, digest=step_digest(night, step), step=step)
         write_product(new, Path(out))
     except (StepError, ValueError, OSError) as exc:
-        return _fail(filename, step, exc)
+        return _fail(night, filename, step, exc, out)
     return {"digest": step_digest(night, step)}
 
 

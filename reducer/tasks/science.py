@@ -102,8 +102,62 @@ def frame_tasks(night, sets, frame):
     return tasks, prev
 
 
+def _usable_products(paths):
+    """The products among ``paths`` that went through the chain and passed the quality limits;
+    and (file, reason) of the others."""
+    from astropy.io import fits
+    good, left = [], []
+    for p in paths:
+        h = fits.getheader(p)
+        if h.get("FAILED"):
+            left.append((Path(p).name, f"failed at {h.get('FAILSTEP')}: {h.get('FAILWHY')}"))
+        elif h.get("QUALFLAG") is False:
+            left.append((Path(p).name, f"quality: {h.get('QUALWHY', '')}"))
+        else:
+            good.append(p)
+    return good, left
+
+
+def run_stack(night_dir: str, paths: list, out: str) -> dict:
+    """doit action: stack, catalogue and target magnitude of one target and filter."""
+    from ..night import Night
+    from ..stack import build_stack
+    night = Night(night_dir)
+    good, left = _usable_products(paths)
+    for f, why in left:
+        print(f"stack {Path(out).stem}: leaves out {f}: {why}")
+    if not good:
+        print(f"stack {Path(out).stem}: no usable frame; nothing stacked")
+        from ..masters import write_sidecar
+        write_sidecar(Path(out).with_suffix(".json"), {"reason": "no usable frame", "left_out": left})
+        return {"digest": night.digest("stack")}
+    tgt = build_stack(night, good, Path(out))
+    mag = f"{tgt['mag']:.3f} +- {tgt['mag_err']:.3f}" if "mag" in tgt else tgt.get("reason", "")
+    print(f"stack {Path(out).stem}: {len(good)} frames, target {mag}")
+    return {"digest": night.digest("stack")}
+
+
+def run_lightcurve(night_dir: str, paths: list, out: str) -> dict:
+    """doit action: the light curve of one target and filter."""
+    from ..night import Night
+    from ..stack import build_lightcurve
+    night = Night(night_dir)
+    good, left = _usable_products(paths)
+    if len(good) < 2:
+        print(f"lightcurve {Path(out).stem}: fewer than 2 usable frames")
+        return {"digest": night.digest("photometry")}
+    try:
+        r = build_lightcurve(night, good, Path(out), Path(out).with_suffix(".png"))
+    except ValueError as exc:
+        print(f"lightcurve {Path(out).stem}: {exc}")
+        return {"digest": night.digest("photometry")}
+    print(f"lightcurve {Path(out).stem}: {r['n']} points, {r['ncomp']} comparison stars")
+    return {"digest": night.digest("photometry")}
+
+
 def make_task_generator(night):
-    @create_after(executed="calib", creates=["science", *[STEP_NAMES[s] for s in IMPLEMENTED]])
+    @create_after(executed="calib", creates=["science", "stack", "lightcurve",
+                                             *[STEP_NAMES[s] for s in IMPLEMENTED]])
     def task_science():
         """Every science target through the chain: doit science, or doit science:TARGET."""
         frames, sets = _load_sets(night)
@@ -112,10 +166,36 @@ def make_task_generator(night):
         yield {"basename": "science", "name": None,
                "doc": "every science target through the chain (science:TARGET for one)"}
         by_target: dict = {}
+        groups: dict = {}
         for fr in science_frames(frames):
             tasks, last = frame_tasks(night, sets, fr)
             by_target.setdefault(fr.target, []).append(f"{tasks[-1]['basename']}:{tasks[-1]['name']}")
+            if last.name.startswith("t"):
+                groups.setdefault((fr.target, fr.filter), []).append(str(last))
             yield from tasks
+        yield {"basename": "stack", "name": None,
+               "doc": "stack, catalogue and target magnitude per target and filter"}
+        yield {"basename": "lightcurve", "name": None,
+               "doc": "light curve (BJD_TDB, calibrated and differential) per target and filter"}
+        nmin = int(night.settings.get("photometry", {}).get("lightcurve_min_frames", 5))
+        for (target, filt), paths in sorted(groups.items()):
+            from ..inventory import safe_name
+            name = f"{target}_{safe_name(filt)}"
+            out = night.dir / "stacks" / f"{name}.fits"
+            yield {"basename": "stack", "name": name, "file_dep": paths,
+                   "actions": [(run_stack, [str(night.dir), paths, str(out)])],
+                   "targets": [str(out), str(out.with_suffix(".ecsv")), str(out.with_suffix(".json"))],
+                   "uptodate": [DigestUnchanged(night.digest("stack"))], "clean": True,
+                   "doc": f"stack of {target} in {filt} ({len(paths)} frames)"}
+            by_target[target].append(f"stack:{name}")
+            if len(paths) >= nmin:
+                lc = night.dir / "lightcurves" / f"{name}.ecsv"
+                yield {"basename": "lightcurve", "name": name, "file_dep": paths,
+                       "actions": [(run_lightcurve, [str(night.dir), paths, str(lc)])],
+                       "targets": [str(lc), str(lc.with_suffix(".png"))],
+                       "uptodate": [DigestUnchanged(night.digest("photometry"))], "clean": True,
+                       "doc": f"light curve of {target} in {filt}"}
+                by_target[target].append(f"lightcurve:{name}")
         for target, deps in sorted(by_target.items()):
             yield {"basename": "science", "name": target, "actions": None, "task_dep": deps,
                    "doc": f"target {target}: {len(deps)} frame(s) through the chain"}

@@ -1,0 +1,269 @@
+"""Step 4 of a night: stacks per target and filter, their catalogues, target photometry,
+and light curves.
+
+**Stack** (``stacks/<TARGET>_<filter>.fits``): the night's ``t`` frames of a target and
+filter that passed the quality limits, every detector resampled onto one common TAN grid at
+the profile's pixel scale (bilinear; the variance is resampled with the same weights, so it
+is right for aperture and block sums — see :mod:`reducer.ops.resample`), each frame scaled to
+electrons per second on the common zero point (``FLXSCALE / EXPTIME``), weighted by inverse
+variance and combined by the clipping engine. HDUs: ``STACK`` (e-/s), ``STACK_UNC``,
+``STACK_MASK``, ``EXPMAP`` (s). Magnitudes: ``m = -2.5 log10(flux [e-/s]) + PHOTZP``. One good
+frame still gives a (resampled) stack. Frames without a calibrated zero point are stacked at
+scale ``1 / EXPTIME`` and the stack is marked uncalibrated.
+
+**Catalogue** (``stacks/<TARGET>_<filter>.ecsv``): stars detected on the stack, aperture
+photometry (radius ``2 x FWHM``) with errors and calibrated magnitudes.
+
+**Target** (``stacks/<TARGET>_<filter>.json``): the magnitude and error at the target's
+coordinates (``night.toml [targets]``, else the header pointing of its frames).
+
+**Light curve** (``lightcurves/<TARGET>_<filter>.ecsv`` and ``.png``): per ``t`` frame the
+target's calibrated magnitude and its differential magnitude against comparison stars chosen
+automatically (bright, unsaturated, isolated, steady through the night), time as BJD_TDB.
+Comparison stars are chosen afresh each time the light curve is rebuilt (it depends on every
+frame of the target anyway), so nothing earlier is rebuilt when a frame arrives.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .products import read_product
+
+
+def _frames_info(paths):
+    from astropy.io import fits
+    out = []
+    for p in paths:
+        h = fits.getheader(p)
+        out.append({"path": Path(p), "header": h})
+    return out
+
+
+def target_coords(night, headers) -> tuple[float, float]:
+    """RA, Dec (deg) of a target: night.toml ``[targets."<OBJECT>"]`` else the header pointing."""
+    from .headers import parse_angle
+    obj = headers[0].get("OBJECT", "")
+    tgt = night.settings.get("targets", {}).get(obj) or \
+        night.settings.get("targets", {}).get(headers[0].get("TARGET", ""))
+    if tgt:
+        return parse_angle(tgt["ra"], "ra"), parse_angle(tgt["dec"], "dec")
+    return float(np.median([h["RA"] for h in headers])), float(np.median([h["DEC"] for h in headers]))
+
+
+def build_stack(night, paths, out: Path) -> dict:
+    """Resample and combine the frames ``paths``; write the stack, catalogue and target JSON."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    from .fitsio import add_provenance, write_fits
+    from .ops.resample import common_wcs, resample, stack
+    opts = night.settings.get("stack", {})
+    zref = float(night.settings.get("photometry", {}).get("zp_reference", 25.0))
+    scale = float(night.profile.table("wcs").get("pixel_scale", 1.0))
+    prods = [read_product(Path(p)) for p in paths]
+    wcss, shapes = [], []
+    for pr in prods:
+        for d in pr.detectors.values():
+            wcss.append(WCS(d.header))
+            shapes.append(d.data.shape)
+    wcs_out, shape_out = common_wcs(wcss, shapes, pixel_scale_arcsec=scale)
+    frames, scales, exptimes = [], [], []
+    calibrated = all(pr.header.get("PHOTCAL", False) for pr in prods)
+    for pr in prods:
+        data = np.full(shape_out, np.nan, np.float32)
+        var = np.full(shape_out, np.nan, np.float32)
+        mask = np.full(shape_out, 0xFFFF, np.uint16)
+        for d in pr.detectors.values():
+            r = resample(d.data, d.unc, d.mask, WCS(d.header), wcs_out, shape_out)
+            on = r.footprint > 0
+            data[on], var[on], mask[on] = r.data[on], r.var[on], r.mask[on]
+        from .ops.bits import OFFIMAGE
+        mask[mask == 0xFFFF] = OFFIMAGE
+        frames.append((data, var, mask))
+        t = float(pr.header["EXPTIME"])
+        scales.append(float(pr.header.get("FLXSCALE", 1.0)) / t)
+        exptimes.append(t)
+    res = stack(frames, scales=scales, nsigma=float(opts.get("nsigma", 4.0)),
+                mem_limit=int(night.settings.get("combine", {}).get("mem_limit_mb", 256)) * 2**20,
+                exptimes=exptimes)
+    data, unc, mask, expmap, cnt = res
+    hw = wcs_out.to_header()
+    prim = fits.Header()
+    h0 = prods[0].header
+    for k in ("OBJECT", "TARGET", "FILTER", "NIGHT"):
+        prim[k] = h0.get(k, "")
+    prim["NCOMBINE"] = (len(prods), "frames stacked")
+    prim["EXPTOTAL"] = (float(sum(exptimes)), "[s] total exposure")
+    prim["MJD-BEG"] = (min(pr.header["MJD-OBS"] for pr in prods), "[d] first frame start")
+    prim["MJD-END"] = (max(pr.header["MJD-OBS"] + pr.header["EXPTIME"] / 86400 for pr in prods),
+                       "[d] last frame end")
+    prim["BUNIT"] = "electron/s"
+    prim["PHOTCAL"] = (calibrated, "frames calibrated against the catalogue")
+    if calibrated:
+        prim["PHOTZP"] = (zref, "[mag] m = -2.5 log10(flux [e-/s]) + PHOTZP")
+    add_provenance(prim, inputs=[(Path(p).name, "") for p in paths], digest=night.digest("stack"),
+                   step="stack")
+    hdus = [fits.PrimaryHDU(header=prim)]
+    for name, arr in (("STACK", data), ("STACK_UNC", unc), ("STACK_MASK", mask), ("EXPMAP", expmap)):
+        h = hw.copy()
+        h["BUNIT"] = {"STACK": "electron/s", "STACK_UNC": "electron/s", "EXPMAP": "s"}.get(name, "")
+        hdus.append(fits.ImageHDU(np.asarray(arr), header=h, name=name))
+    write_fits(fits.HDUList(hdus), out)
+    cat = stack_catalogue(data, unc, mask, wcs_out, prim.get("PHOTZP"), scale)
+    from .fitsio import atomic_write_text
+    import io
+    buf = io.StringIO()
+    cat.write(buf, format="ascii.ecsv")
+    atomic_write_text(out.with_suffix(".ecsv"), buf.getvalue())
+    ra, dec = target_coords(night, [pr.header for pr in prods])
+    tgt = target_photometry(data, unc, mask, wcs_out, ra, dec, cat.meta.get("fwhm_px", 3.0),
+                            prim.get("PHOTZP"))
+    tgt.update({"target": h0.get("TARGET", ""), "filter": h0.get("FILTER", ""),
+                "nframes": len(prods), "exptime_total": float(sum(exptimes)),
+                "inputs": [Path(p).name for p in paths]})
+    atomic_write_text(out.with_suffix(".json"), json.dumps(tgt, indent=2, default=float))
+    return tgt
+
+
+def _clean(data, unc, mask):
+    """Pixels with no value or no uncertainty become OFFIMAGE (never huge errors)."""
+    from .ops.bits import OFFIMAGE
+    bad = ~np.isfinite(data) | ~np.isfinite(unc)
+    m = np.asarray(mask, np.uint16).copy()
+    m[bad] |= OFFIMAGE
+    return np.where(bad, 0.0, data).astype(np.float32), np.where(bad, 0.0, unc).astype(np.float32), m
+
+
+def stack_catalogue(data, unc, mask, wcs, zp, pixel_scale: float):
+    """Stars detected on a stack, aperture photometry and calibrated magnitudes (Table)."""
+    from .ops.astrometry import detect_stars
+    from .ops.bits import UNUSABLE
+    from .ops.photometry import aperture_photometry
+    data, unc, mask = _clean(data, unc, mask)
+    img = data
+    stars = detect_stars(img, (mask & UNUSABLE) != 0, fwhm_px=3.0, max_stars=2000)
+    fwhm = float(stars.meta.get("fwhm_px", 3.0)) if len(stars) else 3.0
+    r = 2.0 * fwhm
+    xy = np.column_stack([stars["x"], stars["y"]]) if len(stars) else np.zeros((0, 2))
+    tab = aperture_photometry(img, unc, mask, xy, r_ap=r, r_in=r + 5, r_out=r + 12, bkg_stat="mean")
+    ra, dec = wcs.pixel_to_world_values(tab["x"], tab["y"]) if len(tab) else ([], [])
+    tab["ra"], tab["dec"] = ra, dec
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = -2.5 * np.log10(np.asarray(tab["flux"], float))
+        e = 1.0857 * np.asarray(tab["flux_err"], float) / np.asarray(tab["flux"], float)
+    tab["mag"] = m + zp if zp is not None else m
+    tab["mag_err"] = e
+    tab.meta["fwhm_px"] = fwhm
+    tab.meta["fwhm_arcsec"] = fwhm * pixel_scale
+    tab.meta["aperture_px"] = r
+    tab.meta["calibrated"] = zp is not None
+    return tab
+
+
+def target_photometry(data, unc, mask, wcs, ra, dec, fwhm_px, zp) -> dict:
+    """Magnitude of the target at (ra, dec) in a stack (aperture 2 x FWHM)."""
+    from .ops.photometry import aperture_photometry
+    x, y = wcs.world_to_pixel_values(ra, dec)
+    out = {"ra": ra, "dec": dec, "x": float(x), "y": float(y)}
+    ny, nx = data.shape
+    r = 2.0 * fwhm_px
+    if not (r < x < nx - r - 1 and r < y < ny - r - 1):
+        out["reason"] = "target outside the stack"
+        return out
+    data, unc, mask = _clean(data, unc, mask)
+    tab = aperture_photometry(data, unc, mask, np.array([[x, y]]), r_ap=r, r_in=r + 5,
+                              r_out=r + 12, bkg_stat="mean")
+    f, fe = float(tab["flux"][0]), float(tab["flux_err"][0])
+    out.update({"flux_e_per_s": f, "flux_err": fe, "flags": int(tab["flags"][0])})
+    if f > 0 and int(tab["flags"][0]) == 0:
+        out["mag"] = -2.5 * np.log10(f) + (zp if zp is not None else 0.0)
+        out["mag_err"] = 1.0857 * fe / f
+        out["calibrated"] = zp is not None
+    elif f <= 0:
+        out["reason"] = "no positive flux at the target position"
+    else:
+        out["reason"] = f"aperture touches bad or off-image pixels (flags {int(tab['flags'][0])})"
+    return out
+
+
+def build_lightcurve(night, paths, out_ecsv: Path, out_png: Path) -> dict:
+    """Light curve of a target in one filter from its t frames (see the module docstring)."""
+    from astropy.table import Table
+    from astropy.wcs import WCS
+    from .fitsio import atomic_path
+    from .ops.lightcurve import bjd_tdb, choose_comparisons, differential_lightcurve, plot_lightcurve
+    from .ops.photometry import aperture_photometry
+    prods = [read_product(Path(p)) for p in paths]
+    prods.sort(key=lambda p: p.header["MJD-MID"])
+    ra, dec = target_coords(night, [p.header for p in prods])
+    # candidate comparison stars: the reference catalogue around the field
+    from .steps import reference_catalog
+    scale = float(night.profile.table("wcs").get("pixel_scale", 1.0))
+    shape0 = next(iter(prods[0].detectors.values())).data.shape
+    cat = reference_catalog(night, ra, dec, radius_deg=1.2 * max(shape0) * scale / 3600.0)
+    sky = np.column_stack([[ra, *np.asarray(cat["ra"])], [dec, *np.asarray(cat["dec"])]])
+    nstar = len(sky)
+    flux = np.full((len(prods), nstar), np.nan)
+    err = np.full((len(prods), nstar), np.nan)
+    flags = np.zeros((len(prods), nstar), int)
+    zps, zperr = [], []
+    fwhm_px = 3.0
+    for i, pr in enumerate(prods):
+        t = float(pr.header["EXPTIME"])
+        zps.append(pr.header.get("PHOTZP", np.nan))
+        zperr.append(pr.header.get("PHOTZPER", np.nan))
+        fw = pr.header.get("FWHM")
+        if isinstance(fw, (int, float)) and np.isfinite(fw):
+            fwhm_px = fw / scale
+        r = 2.0 * fwhm_px
+        for d in pr.detectors.values():
+            w = WCS(d.header)
+            x, y = w.world_to_pixel_values(sky[:, 0], sky[:, 1])
+            ny, nx = d.data.shape
+            inside = (x > r + 12) & (x < nx - r - 13) & (y > r + 12) & (y < ny - r - 13)
+            if not inside.any():
+                continue
+            tab = aperture_photometry(d.data, d.unc, d.mask, np.column_stack([x[inside], y[inside]]),
+                                      r_ap=r, r_in=r + 5, r_out=r + 12, bkg_stat="mean")
+            flux[i, inside] = np.asarray(tab["flux"]) / t
+            err[i, inside] = np.asarray(tab["flux_err"]) / t
+            flags[i, inside] = np.asarray(tab["flags"])
+    seen = np.all(np.isfinite(flux), axis=0)
+    if not seen[0]:
+        raise ValueError("the target is not on every frame of this filter")
+    comp_idx = np.where(seen)[0][1:]
+    ctab = Table({"flux": np.nanmedian(flux[:, comp_idx], axis=0), "flags": flags[:, comp_idx].max(axis=0)})
+    chosen = choose_comparisons(ctab, None, n=int(night.settings.get("photometry", {}).get("ncomp", 5)),
+                                flux_series=flux[:, comp_idx], err_series=err[:, comp_idx],
+                                target_radius=0.0) if len(comp_idx) else np.array([], int)
+    cols = comp_idx[np.asarray(chosen, int)]
+    site = night.profile.site.earth_location()
+    mjd = np.array([p.header["MJD-MID"] for p in prods])
+    bjd = bjd_tdb(mjd, ra, dec, site)
+    out = Table()
+    out["bjd_tdb"] = bjd
+    out["mjd_utc_mid"] = mjd
+    out["file"] = [p.header.get("RAWFILE", "") for p in prods]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["mag"] = -2.5 * np.log10(flux[:, 0]) + np.asarray(zps, float)
+        out["mag_err"] = np.hypot(1.0857 * err[:, 0] / flux[:, 0], np.nan_to_num(np.asarray(zperr, float)))
+    if len(cols):
+        dl = differential_lightcurve(flux[:, 0], flux[:, cols], err[:, 0], err[:, cols])
+        out["dmag"], out["dmag_err"] = dl.dmag, dl.dmag_err
+    out.meta.update({"target_ra": ra, "target_dec": dec, "comparisons_ra": list(sky[cols, 0]),
+                     "comparisons_dec": list(sky[cols, 1]), "time": "BJD_TDB (mid-exposure)"})
+    import io
+    from .fitsio import atomic_write_text
+    buf = io.StringIO()
+    out.write(buf, format="ascii.ecsv")
+    atomic_write_text(out_ecsv, buf.getvalue())
+    y = out["dmag"] if "dmag" in out.colnames else out["mag"]
+    ye = out["dmag_err"] if "dmag_err" in out.colnames else out["mag_err"]
+    with atomic_path(out_png, ".png") as tmp:
+        fig = plot_lightcurve(bjd, y, ye, None,
+                              title=f"{prods[0].header.get('OBJECT', '')} {prods[0].header.get('FILTER', '')}",
+                              ylabel="Δmag" if "dmag" in out.colnames else "mag")
+        fig.savefig(tmp, format="png", dpi=100)
+    return {"n": len(out), "ncomp": int(len(cols))}

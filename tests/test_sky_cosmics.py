@@ -1,0 +1,509 @@
+"""The s (sky) and z (cosmic-ray) algorithms against truth.
+
+Two kinds of data, both seeded:
+
+- *synthetic* 256 x 256 frames built here (exact truth): a sky (flat, a linear gradient
+  or a vignetting-like curved one) + Moffat stars (pixel-integrated, peaks from 50 e- to
+  95 % of saturation, a few saturated and flagged SATURATED) + cosmic rays drawn like the
+  project simulator's (Gaussian spots of sigma 0.25-0.9 px and 300-8000 e-, straight
+  tracks of 150-2500 e-/px) + Poisson and read noise; in electrons;
+- one *simulator* night (:func:`reducer.testing.make_night`, small frames, a raised
+  cosmic-ray rate), calibrated to electrons here from its truth (bias level + pattern +
+  the frame's overscan drift, gain, dark, flat response; defects flagged BAD).
+
+"Strong" cosmic-ray pixels are those whose deposit exceeds 5 sigma of the local noise,
+sigma = sqrt(sky + star + rn^2) (what was collected, before the cosmic ray).  "Star pixels"
+are the unmasked pixels within 2 FWHM of a star centre, minus the pixels within 1 px of any
+cosmic-ray deposit (a flag there may be right).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_dilation, label
+from scipy.special import erf
+
+from reducer.ops import bits
+from reducer.ops.sky import SkyResult, estimate_sky, subtract_sky
+
+RN = 5.0          # read noise [e-]
+SAT = 90000.0     # saturation [e-]
+SHAPE = (256, 256)
+
+
+# --------------------------------------------------------------------------- synthetic frames
+def _moffat(shape, xs, ys, fluxes, fwhm, beta=3.0, sub=5, rad=20):
+    """Pixel-integrated Moffat stars [e-]; x, y zero-based pixel centres."""
+    ny, nx = shape
+    img = np.zeros(shape)
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    norm = (beta - 1.0) / (math.pi * alpha ** 2)
+    s = (np.arange(sub) + 0.5) / sub - 0.5
+    for x, y, f in zip(xs, ys, fluxes):
+        ix, iy = int(round(x)), int(round(y))
+        y0, y1, x0, x1 = max(iy - rad, 0), min(iy + rad + 1, ny), max(ix - rad, 0), min(ix + rad + 1, nx)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        dx = xx[..., None, None] + s[None, None, None, :] - x
+        dy = yy[..., None, None] + s[None, None, :, None] - y
+        img[y0:y1, x0:x1] += f * norm * ((1.0 + (dx * dx + dy * dy) / alpha ** 2) ** -beta).mean(axis=(2, 3))
+    return img
+
+
+def _cosmic_rays(rng, shape, n, edge_hits=True):
+    """Deposit [e-] of n events, the simulator's model; plus 3 spots on the edges/corner."""
+    ny, nx = shape
+    dep = np.zeros(shape)
+
+    def spot(cx, cy, sig, etot):
+        ii = np.arange(-3, 4)
+        px, py = int(round(cx)) + ii, int(round(cy)) + ii
+        fx = 0.5 * (erf((px + 0.5 - cx) / (sig * 2 ** 0.5)) - erf((px - 0.5 - cx) / (sig * 2 ** 0.5)))
+        fy = 0.5 * (erf((py + 0.5 - cy) / (sig * 2 ** 0.5)) - erf((py - 0.5 - cy) / (sig * 2 ** 0.5)))
+        ok = ((py >= 0) & (py < ny))[:, None] & ((px >= 0) & (px < nx))[None, :]
+        PY, PX = np.broadcast_arrays(py[:, None], px[None, :])
+        np.add.at(dep, (PY[ok], PX[ok]), (etot * fy[:, None] * fx[None, :])[ok])
+
+    for _ in range(n):
+        cx, cy = rng.uniform(-0.5, nx - 0.5), rng.uniform(-0.5, ny - 0.5)
+        if rng.random() < 0.6:
+            spot(cx, cy, rng.uniform(0.25, 0.9), math.exp(rng.uniform(math.log(300.0), math.log(8000.0))))
+        else:
+            length = min(1.5 + rng.exponential(6.0), 40.0)
+            ang = rng.uniform(0.0, math.pi)
+            dedx = math.exp(rng.uniform(math.log(150.0), math.log(2500.0)))
+            npt = max(int(length / 0.2), 2)
+            t = np.linspace(-0.5, 0.5, npt) * length
+            x, y = cx + t * math.cos(ang), cy + t * math.sin(ang)
+            w = np.full(npt, dedx * length / npt)
+            x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+            fx, fy = x - x0, y - y0
+            for ddx, ddy, ww in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                                 (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+                xx, yy = x0 + ddx, y0 + ddy
+                ok = (xx >= 0) & (xx < nx) & (yy >= 0) & (yy < ny)
+                np.add.at(dep, (yy[ok], xx[ok]), (w * ww)[ok])
+    if edge_hits:  # sharp spots on the first/last row and column and in a corner
+        spot(0.0, 0.0, 0.3, 3000.0)
+        spot(nx - 1.0, ny / 2 + 0.3, 0.35, 2500.0)
+        spot(nx / 3 + 0.2, ny - 1.0, 0.3, 2000.0)
+    return dep
+
+
+def scene(seed, *, sky="gradient", level=1000.0, nstars=40, fwhm=2.8, ncr=80, nsat=2,
+          shape=SHAPE):
+    """A synthetic frame in e- with its truth (dict)."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    u, v = xx / (nx - 1) - 0.5, yy / (ny - 1) - 0.5
+    if sky == "flat":
+        skymap = np.full(shape, level)
+    elif sky == "gradient":  # 10 % across x, 5 % across y
+        skymap = level * (1.0 + 0.10 * u + 0.05 * v)
+    elif sky == "curved":  # vignetting-like, -8 % in the corners, off-centre
+        skymap = level * (1.0 - 0.16 * ((u - 0.1) ** 2 + (v + 0.05) ** 2) + 0.03 * u)
+    else:
+        raise ValueError(sky)
+    beta = 3.0
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    norm = (beta - 1.0) / (math.pi * alpha ** 2)
+    xs, ys = rng.uniform(6, nx - 7, nstars), rng.uniform(6, ny - 7, nstars)
+    peak = np.exp(rng.uniform(np.log(50.0), np.log(0.95 * (SAT - 1.2 * level)), nstars))
+    peak[:nsat] = 3.0 * SAT  # saturated stars
+    stars = _moffat(shape, xs, ys, peak / norm, fwhm, beta)
+    expected = skymap + stars
+    dep = _cosmic_rays(rng, shape, ncr) if ncr else np.zeros(shape)
+    data = rng.poisson(expected).astype(float) + dep + rng.normal(0.0, RN, shape)
+    mask = np.zeros(shape, np.uint16)
+    sat = data >= SAT
+    data[sat] = SAT
+    mask[sat] |= bits.SATURATED
+    near = np.zeros(shape, bool)
+    for x, y in zip(xs, ys):
+        near |= (xx - x) ** 2 + (yy - y) ** 2 <= (2.0 * fwhm) ** 2
+    return dict(data=data.astype(np.float32), mask=mask, sky=skymap, stars=stars, dep=dep,
+                var=expected + RN ** 2, xs=xs, ys=ys, peak=peak, fwhm=fwhm, near=near)
+
+
+# --------------------------------------------------------------------------- sky
+@pytest.mark.parametrize("kind,seed", [("flat", 1), ("gradient", 2), ("gradient", 3), ("curved", 4)])
+@pytest.mark.parametrize("with_fwhm", [False, True])
+def test_sky_against_truth(kind, seed, with_fwhm):
+    s = scene(seed, sky=kind, ncr=0, nsat=0)
+    before = s["data"].copy()
+    res = estimate_sky(s["data"], s["mask"], fwhm_px=s["fwhm"] if with_fwhm else None)
+    assert isinstance(res, SkyResult)
+    assert res.sky.dtype == np.float32 and res.rms.dtype == np.float32
+    assert res.sky.shape == res.rms.shape == res.source_mask.shape == SHAPE
+    np.testing.assert_array_equal(s["data"], before)
+
+    sigma = math.sqrt(float(np.median(s["sky"])) + RN ** 2)
+    # level: median of mesh medians of N sky pixels -> sigma_level ~ (pi/2) sigma / sqrt(N)
+    # (Npix_eff = N / (pi/2)^2); plus the median's Poisson bias (-1/6 e-)
+    n_sky = int((~res.source_mask).sum())
+    sig_level = (math.pi / 2) * sigma / math.sqrt(n_sky)
+    err = res.level - float(np.median(s["sky"]))
+    assert abs(err) < 5.0 * sig_level + 1.0 / 6.0, (err, sig_level)
+    # rms within 5 % (MAD-based, so ~unbiased)
+    assert abs(res.rms_level / sigma - 1.0) < 0.05, res.rms_level / sigma
+    # the gradient / curvature is followed everywhere, edges included
+    dev = res.sky - s["sky"]
+    assert np.abs(dev).max() < 0.15 * sigma, np.abs(dev).max() / sigma
+    assert abs(dev[:, :16].mean() - dev[:, -16:].mean()) < 0.05 * sigma
+    # the sky model's own noise (neglected by subtract_sky) is tiny per pixel
+    assert dev.std() < 0.03 * sigma
+    # every star that is clearly there is in the source mask, and the mask stays modest
+    bright = s["peak"] > 5 * sigma
+    iy, ix = np.rint(s["ys"][bright]).astype(int), np.rint(s["xs"][bright]).astype(int)
+    assert res.source_mask[iy, ix].all()
+    assert res.source_mask.mean() < 0.35
+
+
+def test_sky_ignores_masked_and_nonfinite_pixels():
+    s = scene(5, sky="gradient", ncr=0, nsat=0)
+    data = s["data"].copy()
+    mask = s["mask"].copy()
+    data[100:140, 30:60] = 5e4          # a "bad block" flagged BAD
+    mask[100:140, 30:60] |= bits.BAD
+    data[10, :] = np.nan                # a non-finite row, not flagged
+    data[200, 200] = np.inf
+    ref = estimate_sky(s["data"], s["mask"])
+    res = estimate_sky(data, mask)
+    assert np.isfinite(res.sky).all() and np.isfinite(res.rms).all()
+    sigma = math.sqrt(1000.0 + RN ** 2)
+    assert np.abs(res.sky - s["sky"]).max() < 0.2 * sigma
+    assert abs(res.level - ref.level) < 0.5
+    # a boolean mask works the same as the bitmask
+    res_b = estimate_sky(data, mask != 0)
+    np.testing.assert_allclose(res_b.sky, res.sky)
+
+
+def test_sky_small_and_odd_shapes():
+    rng = np.random.default_rng(7)
+    img = (rng.poisson(500.0, (40, 300)) + rng.normal(0, RN, (40, 300))).astype(np.float32)
+    res = estimate_sky(img, box=64)                      # box larger than the rows
+    assert abs(res.level - 500.0) < 1.0
+    assert abs(res.rms_level / math.sqrt(500 + RN ** 2) - 1) < 0.05
+    img2 = (rng.poisson(300.0, (150, 170)) + rng.normal(0, RN, (150, 170))).astype(np.float32)
+    res2 = estimate_sky(img2, box=64)                    # partial edge meshes
+    assert np.abs(res2.sky - 300.0).max() < 3.0
+
+
+def test_sky_errors():
+    img = np.zeros((64, 64), np.float32)
+    with pytest.raises(ValueError, match="mask shape"):
+        estimate_sky(img, np.zeros((64, 63), np.uint16))
+    with pytest.raises(ValueError, match="2-D"):
+        estimate_sky(np.zeros(64, np.float32))
+    with pytest.raises(ValueError, match="filter_size"):
+        estimate_sky(img, filter_size=2)
+    with pytest.raises(ValueError, match="usable"):
+        estimate_sky(img, np.ones((64, 64), np.uint16))
+    with pytest.raises(ValueError, match="sky shape"):
+        subtract_sky(img, img, np.zeros((64, 65), np.float32))
+    with pytest.raises(ValueError, match="unc shape"):
+        subtract_sky(img, np.zeros((63, 64)), img)
+
+
+def test_subtract_sky():
+    s = scene(8, sky="curved", ncr=0, nsat=0)
+    unc = np.sqrt(np.maximum(s["data"], 0) + RN ** 2).astype(np.float32)
+    d0, u0 = s["data"].copy(), unc.copy()
+    res = estimate_sky(s["data"], s["mask"])
+    sub, unc2 = subtract_sky(s["data"], unc, res.sky)
+    np.testing.assert_array_equal(s["data"], d0)
+    np.testing.assert_array_equal(unc, u0)
+    assert sub.dtype == np.float32 and unc2.dtype == np.float32
+    np.testing.assert_allclose(sub, s["data"] - res.sky, atol=1e-3)
+    np.testing.assert_array_equal(unc2, unc)          # passed through ...
+    assert unc2 is not unc                            # ... as a copy
+    sub2, _ = subtract_sky(s["data"], None, res)      # a SkyResult works as the sky
+    np.testing.assert_array_equal(sub2, sub)
+    # the sky-subtracted blank sky averages to zero
+    blank = ~res.source_mask
+    assert abs(float(np.median(sub[blank]))) < 1.0
+    sub3, none = subtract_sky(s["data"], None, 1000.0)   # a scalar sky
+    assert none is None and sub3[0, 0] == pytest.approx(s["data"][0, 0] - 1000.0)
+
+
+# --------------------------------------------------------------------------- cosmics
+@pytest.fixture(scope="module")
+def cosmics():
+    pytest.importorskip("astroscrappy")
+    from reducer.ops import cosmics as mod
+    return mod
+
+
+def _touched(dep):
+    return binary_dilation(dep > 0.5, np.ones((3, 3), bool))
+
+
+def _score(s, res):
+    sig = np.sqrt(s["var"])
+    snr = s["dep"] / sig
+    good = s["mask"] == 0
+    strong = (snr > 5) & good
+    star_px = s["near"] & good & ~_touched(s["dep"])
+    out = {"strong": float(res.crmask[strong].mean()),
+           "n_strong": int(strong.sum()),
+           "fp_star": float(res.crmask[star_px].mean()),
+           "n_star": int(star_px.sum()),
+           "fp_other": int((res.crmask & ~s["near"] & ~_touched(s["dep"])).sum())}
+    for lo in (10, 20):
+        sel = (snr > lo) & good
+        out[f"gt{lo}"] = float(res.crmask[sel].mean())
+    return out
+
+
+COSMIC_SCENES = [(11, 2.5), (12, 2.8), (13, 3.5)]
+
+
+@pytest.mark.parametrize("seed,fwhm", COSMIC_SCENES)
+def test_cosmics_against_truth(cosmics, seed, fwhm):
+    s = scene(seed, sky="gradient", fwhm=fwhm)
+    sub = (s["data"] - s["sky"]).astype(np.float32)
+    sub0, mask0, sky0 = sub.copy(), s["mask"].copy(), s["sky"].copy()
+    res = cosmics.clean_cosmics(sub, s["mask"], sky_e=s["sky"], rdnoise_e=RN, saturate_e=SAT)
+    # inputs unchanged
+    np.testing.assert_array_equal(sub, sub0)
+    np.testing.assert_array_equal(s["mask"], mask0)
+    np.testing.assert_array_equal(s["sky"], sky0)
+    assert res.data.dtype == np.float32 and res.crmask.dtype == bool
+
+    sc = _score(s, res)
+    # completeness: bright cosmic-ray pixels essentially all found; all strong (> 5 sigma)
+    # pixels to the measured level of single-frame L.A.Cosmic (module docstring)
+    assert sc["gt20"] >= 0.95, sc
+    assert sc["gt10"] >= 0.90, sc
+    assert sc["strong"] >= 0.75, sc
+    # stars (peaks up to 95 % of saturation, two saturated) are left alone
+    assert sc["fp_star"] < 0.001, sc
+    # few noise pixels flagged on blank sky
+    assert sc["fp_other"] < 1e-3 * sub.size, sc
+    # never a masked pixel
+    assert not res.crmask[s["mask"] != 0].any()
+
+    # unflagged pixels are the input values, bit for bit
+    np.testing.assert_array_equal(res.data[~res.crmask], sub[~res.crmask])
+    # repaired values: on blank sky close to the truth (0 after sky subtraction)
+    sig = np.sqrt(s["var"])
+    rep = res.crmask & (s["dep"] > 5 * sig) & (s["stars"] < 0.5 * sig)
+    err = (res.data[rep] - s["stars"][rep]) / sig[rep]
+    assert abs(err.mean()) < 0.3 and err.std() < 0.7, (err.mean(), err.std())
+    assert np.percentile(np.abs(err), 99) < 2.5
+    # a repaired image has no strong residual left on the flagged pixels
+    assert (res.data[rep] < s["stars"][rep] + 3 * sig[rep]).all()
+
+    # the events found and the COSMIC bit
+    assert res.ncosmic == label(res.crmask, structure=np.ones((3, 3)))[1]
+    assert res.npix == int(res.crmask.sum())
+    flagged = res.flag(s["mask"])
+    assert flagged.dtype == np.uint16
+    np.testing.assert_array_equal((flagged & bits.COSMIC) != 0, res.crmask)
+    np.testing.assert_array_equal(flagged & ~np.uint16(bits.COSMIC), s["mask"])
+    # the sharp spots put on the first/last row and column are found (reflection padding)
+    for (y, x) in ((0, 0), (SHAPE[0] // 2, SHAPE[1] - 1), (SHAPE[0] - 1, SHAPE[1] // 3)):
+        assert res.crmask[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any(), (y, x)
+
+
+@pytest.mark.xfail(strict=True, reason="single-frame L.A.Cosmic finds ~85 % of the > 5 sigma "
+                   "cosmic-ray pixels without flagging stars (see reducer/ops/cosmics.py)")
+def test_cosmics_goal_95_percent_of_5_sigma_pixels(cosmics):
+    sc = [_score(s, cosmics.clean_cosmics((s["data"] - s["sky"]).astype(np.float32), s["mask"],
+                                          sky_e=s["sky"], rdnoise_e=RN, saturate_e=SAT))
+          for s in (scene(seed, fwhm=fwhm) for seed, fwhm in COSMIC_SCENES)]
+    assert min(x["strong"] for x in sc) >= 0.95
+
+
+def test_cosmics_inbkg_matters(cosmics):
+    """The noise model needs the sky: without it the sky-subtracted blank sky is 'noisy'."""
+    import astroscrappy
+
+    s = scene(21, sky="gradient", ncr=0, nsat=0)
+    sub = (s["data"] - s["sky"]).astype(np.float32)
+    right = cosmics.clean_cosmics(sub, None, sky_e=s["sky"], rdnoise_e=RN, saturate_e=SAT)
+    # sigma = sqrt(sky + rn^2) = 32 e-: a cosmic-ray-free frame has (almost) nothing flagged
+    assert right.npix <= 5
+    # the same data with the sky left out: the noise model is rn = 5 e- on blank sky
+    nosky = cosmics.clean_cosmics(sub, None, sky_e=0.0, rdnoise_e=RN, saturate_e=SAT)
+    assert nosky.npix > 0.2 * sub.size
+    # astroscrappy given the sky-subtracted data *and* inbkg subtracts the sky twice
+    twice, _ = astroscrappy.detect_cosmics(sub, inbkg=s["sky"].astype(np.float32), gain=1.0,
+                                           readnoise=RN, satlevel=SAT)
+    assert twice.sum() > 0.2 * sub.size
+    # what clean_cosmics does is astroscrappy's documented use: sky in indat and in inbkg
+    direct, _ = astroscrappy.detect_cosmics(sub + s["sky"].astype(np.float32),
+                                            inbkg=s["sky"].astype(np.float32), gain=1.0,
+                                            readnoise=RN, satlevel=SAT, sigfrac=0.1,
+                                            cleantype="medmask")
+    assert direct.sum() <= 5
+    # with cosmic rays: the same detections as astroscrappy called that way (away from the
+    # edges, where clean_cosmics pads the image)
+    s = scene(22, sky="gradient")
+    sub = (s["data"] - s["sky"]).astype(np.float32)
+    res = cosmics.clean_cosmics(sub, s["mask"], sky_e=s["sky"], rdnoise_e=RN, saturate_e=SAT)
+    direct, _ = astroscrappy.detect_cosmics(np.where(s["mask"] != 0, s["sky"], sub + s["sky"]).astype(np.float32),
+                                            inmask=s["mask"] != 0, inbkg=s["sky"].astype(np.float32),
+                                            gain=1.0, readnoise=RN, satlevel=SAT, sigfrac=0.1,
+                                            cleantype="medmask")
+    inner = (slice(10, -10), slice(10, -10))
+    agree = (res.crmask[inner] == direct[inner]).mean()
+    assert agree > 0.9999, agree
+
+
+def test_cosmics_masked_nonfinite_and_hot_pixels(cosmics):
+    s = scene(31, sky="flat", nstars=10, ncr=30, nsat=0)
+    data = (s["data"] - s["sky"]).astype(np.float32)
+    mask = s["mask"].copy()
+    hot = [(50, 60), (120, 17), (200, 201)]
+    for y, x in hot:                       # hot pixels: sharp, flagged BAD
+        data[y, x] = 3e4
+        mask[y, x] |= bits.BAD
+    data[80, 90] = np.nan                  # non-finite, not flagged
+    data[81, 10] = -np.inf
+    mask[5:9, 100:140] |= bits.OFFIMAGE    # off the footprint: garbage values
+    data[5:9, 100:140] = 1e6
+    d0 = data.copy()
+    res = cosmics.clean_cosmics(data, mask, sky_e=1000.0, rdnoise_e=RN, saturate_e=SAT)
+    np.testing.assert_array_equal(data, d0)                       # NaN-aware equality
+    for y, x in hot:
+        assert not res.crmask[y, x] and res.data[y, x] == 3e4
+    assert np.isnan(res.data[80, 90]) and res.data[81, 10] == -np.inf
+    assert not res.crmask[80, 90] and not res.crmask[81, 10]
+    assert not res.crmask[5:9, 100:140].any()
+    np.testing.assert_array_equal(res.data[5:9, 100:140], 1e6)
+    # the cosmic rays are still found, and the repaired values are finite
+    sc = _score(dict(s, mask=mask), res)
+    assert sc["gt20"] >= 0.95
+    assert np.isfinite(res.data[res.crmask]).all()
+    # with COSMIC itself in mask_bits nothing already flagged COSMIC is touched again
+    m2 = mask.copy()
+    m2[res.crmask] |= bits.COSMIC
+    res2 = cosmics.clean_cosmics(data, m2, sky_e=1000.0, rdnoise_e=RN, saturate_e=SAT,
+                                 mask_bits=bits.UNUSABLE | bits.COSMIC)
+    assert not (res2.crmask & res.crmask).any()
+
+
+def test_cosmics_errors(cosmics):
+    img = np.zeros((32, 32), np.float32)
+    kw = dict(sky_e=100.0, rdnoise_e=RN, saturate_e=SAT)
+    with pytest.raises(ValueError, match="mask shape"):
+        cosmics.clean_cosmics(img, np.zeros((32, 31), np.uint16), **kw)
+    with pytest.raises(ValueError, match="sky_e shape"):
+        cosmics.clean_cosmics(img, None, **dict(kw, sky_e=np.zeros((31, 32))))
+    with pytest.raises(ValueError, match="2-D"):
+        cosmics.clean_cosmics(np.zeros(32, np.float32), None, **kw)
+    with pytest.raises(ValueError, match="cleantype"):
+        cosmics.clean_cosmics(img, None, cleantype="fancy", **kw)
+    with pytest.raises(ValueError, match="needs fwhm_px"):
+        cosmics.clean_cosmics(img, None, fsmode="convolve", **kw)
+    with pytest.raises(ValueError, match="psfmodel"):
+        cosmics.clean_cosmics(img, None, fsmode="convolve", fwhm_px=2.5, psfmodel="airy", **kw)
+
+
+def test_cosmics_convolve_mode_runs(cosmics):
+    s = scene(41, sky="flat", fwhm=3.0, nsat=0)
+    sub = (s["data"] - s["sky"]).astype(np.float32)
+    res = cosmics.clean_cosmics(sub, s["mask"], sky_e=s["sky"], rdnoise_e=RN, saturate_e=SAT,
+                                fsmode="convolve", fwhm_px=3.0)
+    sc = _score(s, res)
+    assert sc["gt20"] >= 0.9 and sc["fp_star"] < 0.001, sc
+
+
+# --------------------------------------------------------------------------- simulator
+@pytest.fixture(scope="module")
+def sim_frames(tmp_path_factory):
+    """Calibrated science frames (e-) of one small simulated night, with their truth."""
+    from astropy.io import fits
+
+    from reducer.testing import Target, make_night
+
+    root = tmp_path_factory.mktemp("skycr")
+    sim = make_night(root / "raw", 11, targets=[Target("SKYCR", dec=20.0, exptime=300.0, nexp=1,
+                                                       dither=0.0)],
+                     filters=("r",), nbias=0, ndark=0, nflat=0, standard=False,
+                     shape=(320, 352), stars_per_field=3000, cr_rate=0.6)
+    out = []
+    for fr in sim.frames("science"):
+        with fits.open(sim.path(fr)) as hdul:
+            raws = {det: hdul[det].data.astype(np.float64) for det in fr["detectors"]}
+        for det, dtruth in fr["detectors"].items():
+            T = sim.truth["detectors"][det]
+            ny = raws[det].shape[0]
+            nd = raws[det].shape[1] - 32
+            raw = raws[det][:, :nd]
+            o = dtruth["overscan"]
+            y = np.arange(ny)
+            drift = (o["offset"] + o["amplitude"] * np.sin(2 * np.pi * y / o["period"] + o["phase"])
+                     + o["slope"] * (y / (ny - 1) - 0.5))
+            bias = T["bias_level"] + sim.calib_image("bias_pattern", det) + drift[:, None]
+            dark = sim.calib_image("dark_rate", det) * fr["exptime"]
+            resp = sim.calib_image("flat_response", det, fr["filter"])
+            data = (((raw - bias) * T["gain"] - dark) / resp).astype(np.float32)
+            mask = np.zeros(raw.shape, np.uint16)
+            mask[raw >= T["saturate"]] |= bits.SATURATED
+            for key in ("hot_pixels", "dead_pixels"):
+                mask[T[key]["y"], T[key]["x"]] |= bits.BAD
+            if T["bad_column"]:
+                bc = T["bad_column"]
+                mask[bc["y1"]:bc["y2"], bc["x"]] |= bits.BAD
+            with np.load(sim.truth_dir / dtruth["cosmic_rays"]["file"]) as z:
+                dep = np.zeros(raw.shape)
+                dep[z[f"y_{det}"], z[f"x_{det}"]] = z[f"e_{det}"]
+            assert np.array_equal(sim.cr_mask(fr["file"], det)[:, :nd], dep >= 50.0)
+            out.append(dict(fr=fr, det=det, data=data, mask=mask, resp=resp, dark=dark,
+                            dep=dep, gain=T["gain"], rn=T["rdnoise"],
+                            sat_e=(T["saturate"] - T["bias_level"]) * T["gain"] / resp.max()))
+    return out
+
+
+def test_simulator_sky_and_cosmics(sim_frames, cosmics):
+    tot_strong = tot_found = 0
+    for f in sim_frames:
+        fr = f["fr"]
+        sky_true = fr["sky_e"]                       # flat-fielded: a uniform sky
+        res = estimate_sky(f["data"], f["mask"], fwhm_px=fr["fwhm_px"])
+        var_true = (sky_true * f["resp"] + f["dark"] + f["rn"] ** 2) / f["resp"] ** 2
+        sigma = math.sqrt(float(np.median(var_true)))
+        n_sky = int((~res.source_mask & (f["mask"] == 0)).sum())
+        tol = 5.0 * (math.pi / 2) * sigma / math.sqrt(n_sky) + 1.0 / 6.0
+        assert abs(res.level - sky_true) < tol, (res.level - sky_true, tol)
+        assert abs(res.rms_level / sigma - 1.0) < 0.05
+        assert np.abs(res.sky - sky_true).max() < 0.15 * sigma
+
+        sub, _ = subtract_sky(f["data"], None, res.sky)
+        cr = cosmics.clean_cosmics(sub, f["mask"], sky_e=res.sky, rdnoise_e=f["rn"],
+                                   saturate_e=f["sat_e"])
+        # truth: deposit vs the local noise of what was collected (raw e-)
+        collected = (sky_true + _stars_e(fr, f)) * f["resp"] + f["dark"]
+        snr = f["dep"] / np.sqrt(collected + f["rn"] ** 2)
+        good = f["mask"] == 0
+        strong = (snr > 5) & good
+        tot_strong += int(strong.sum())
+        tot_found += int((cr.crmask & strong).sum())
+        bright = (snr > 20) & good
+        assert cr.crmask[bright].mean() >= 0.95, cr.crmask[bright].mean()
+        # star pixels: within 2 FWHM of the truth stars, unmasked, away from deposits
+        st = fr["detectors"][f["det"]]["stars"]
+        yy, xx = np.mgrid[0:sub.shape[0], 0:sub.shape[1]]
+        near = np.zeros(sub.shape, bool)
+        r = 2.0 * fr["fwhm_px"]
+        for x, y in zip(st["x"], st["y"]):
+            y0, x0 = int(max(y - r - 1, 0)), int(max(x - r - 1, 0))
+            win = (slice(y0, int(y + r + 2)), slice(x0, int(x + r + 2)))
+            near[win] |= (xx[win] - x) ** 2 + (yy[win] - y) ** 2 <= r * r
+        star_px = near & good & ~_touched(f["dep"])
+        assert star_px.sum() > 5000
+        assert cr.crmask[star_px].mean() < 0.001, cr.crmask[star_px].mean()
+    # all strong pixels together: the measured single-frame level (module docstring)
+    assert tot_strong > 200
+    assert tot_found / tot_strong >= 0.70, tot_found / tot_strong
+
+
+def _stars_e(fr, f):
+    """Truth star light [e-, before the flat response] of one detector (Moffat, FWHM, beta)."""
+    st = fr["detectors"][f["det"]]["stars"]
+    return _moffat(f["data"].shape, st["x"], st["y"], st["flux"], fr["fwhm_px"], fr["beta"],
+                   sub=3, rad=12)
