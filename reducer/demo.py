@@ -19,13 +19,28 @@ def run_doit(night_dir: Path, *args: str) -> int:
     return subprocess.call(cmd, cwd=night_dir)
 
 
+def _give_target_coordinates(night_toml: Path, truth_json: Path) -> None:
+    """Tell the night where the variable star is, as an observer would in night.toml."""
+    import json
+    text = night_toml.read_text()
+    if any(line.startswith("[targets.") for line in text.splitlines()) or not truth_json.is_file():
+        return
+    var = json.loads(truth_json.read_text()).get("variable")
+    if not var:
+        return
+    text += ("\n# the demo's transit host (an observer gives its coordinates like this)\n"
+             f'[targets."{var["target"]}"]\nra = {var["ra"]}\ndec = {var["dec"]}\n')
+    from .fitsio import atomic_write_text
+    atomic_write_text(night_toml, text)
+
+
 def run_demo(where: Path, seed: int = 1) -> int:
     """Simulate night :data:`DEMO_UTDATE` under ``where`` and reduce it.
 
     Layout: ``where/raw/UTDATE`` (raw frames), ``where/truth`` (the simulator's truth),
     ``where/refcat.ecsv`` (reference catalogue), ``where/redux/UTDATE`` (the night).
     """
-    from .config import SiteSettings, DEFAULTS, _merge
+    from .config import load_site
     from .night import make_night_dir
     from .testing import make_night
     where = Path(where).resolve()
@@ -36,12 +51,15 @@ def run_demo(where: Path, seed: int = 1) -> int:
         make_night(raw, seed=seed, utdate=DEMO_UTDATE)
     else:
         print(f"using the simulated night already in {raw}")
-    site = SiteSettings(_merge(DEFAULTS, {"instrument": "demo", "raw": str(where / "raw" / "{utdate}"),
-                                          "redux": str(where / "redux"),
-                                          "masters_store": str(where / "masters"),
-                                          "catalog": {"path": str(where / "raw" / "refcat.ecsv")}}),
-                        None, where)
+    # the demo's own site settings file: paths, instrument, reference catalogue
+    cfg = where / "reducer.toml"
+    if not cfg.is_file():
+        from .fitsio import atomic_write_text
+        atomic_write_text(cfg, 'instrument = "demo"\nraw = "raw/{utdate}"\nredux = "redux"\n'
+                               'masters_store = "masters"\n\n[catalog]\npath = "raw/refcat.ecsv"\n')
+    site = load_site(str(cfg))
     res = make_night_dir(site, DEMO_UTDATE, raw=raw, instrument="demo")
+    _give_target_coordinates(res.path / "night.toml", where / "raw" / "truth" / "truth.json")
     for tasks in DEMO_TASKS:
         rc = run_doit(res.path, *tasks)
         if rc != 0:

@@ -111,14 +111,17 @@ def build_stack(night, paths, out: Path) -> dict:
         h["BUNIT"] = {"STACK": "electron/s", "STACK_UNC": "electron/s", "EXPMAP": "s"}.get(name, "")
         hdus.append(fits.ImageHDU(np.asarray(arr), header=h, name=name))
     write_fits(fits.HDUList(hdus), out)
-    cat = stack_catalogue(data, unc, mask, wcs_out, prim.get("PHOTZP"), scale)
+    # measurements on the coadd: a pixel is bad only where no frame contributed
+    from .ops.bits import OFFIMAGE
+    phot_mask = np.where(np.asarray(cnt) > 0, 0, OFFIMAGE).astype(np.uint16)
+    cat = stack_catalogue(data, unc, phot_mask, wcs_out, prim.get("PHOTZP"), scale)
     from .fitsio import atomic_write_text
     import io
     buf = io.StringIO()
     cat.write(buf, format="ascii.ecsv")
     atomic_write_text(out.with_suffix(".ecsv"), buf.getvalue())
     ra, dec = target_coords(night, [pr.header for pr in prods])
-    tgt = target_photometry(data, unc, mask, wcs_out, ra, dec, cat.meta.get("fwhm_px", 3.0),
+    tgt = target_photometry(data, unc, phot_mask, wcs_out, ra, dec, cat.meta.get("fwhm_px", 3.0),
                             prim.get("PHOTZP"))
     tgt.update({"target": h0.get("TARGET", ""), "filter": h0.get("FILTER", ""),
                 "nframes": len(prods), "exptime_total": float(sum(exptimes)),
@@ -230,14 +233,25 @@ def build_lightcurve(night, paths, out_ecsv: Path, out_png: Path) -> dict:
             flux[i, inside] = np.asarray(tab["flux"]) / t
             err[i, inside] = np.asarray(tab["flux_err"]) / t
             flags[i, inside] = np.asarray(tab["flags"])
+    on = np.isfinite(flux[:, 0]) & (flags[:, 0] & 1 == 0)
+    if on.sum() < 2:
+        raise ValueError(f"the target is measured on {int(on.sum())} frame(s) of this filter")
+    prods = [p for p, k in zip(prods, on) if k]
+    flux, err, flags = flux[on], err[on], flags[on]
+    zps = list(np.asarray(zps)[on])
+    zperr = list(np.asarray(zperr)[on])
     seen = np.all(np.isfinite(flux), axis=0)
-    if not seen[0]:
-        raise ValueError("the target is not on every frame of this filter")
     comp_idx = np.where(seen)[0][1:]
-    ctab = Table({"flux": np.nanmedian(flux[:, comp_idx], axis=0), "flags": flags[:, comp_idx].max(axis=0)})
-    chosen = choose_comparisons(ctab, None, n=int(night.settings.get("photometry", {}).get("ncomp", 5)),
+    # positions on the tangent plane at the target, in pixels (for the isolation test)
+    cosd = np.cos(np.radians(dec))
+    px = ((sky[:, 0] - ra + 180.0) % 360.0 - 180.0) * cosd * 3600.0 / scale
+    py = (sky[:, 1] - dec) * 3600.0 / scale
+    ctab = Table({"x": px[comp_idx], "y": py[comp_idx],
+                  "flux": np.nanmedian(flux[:, comp_idx], axis=0),
+                  "flags": flags[:, comp_idx].max(axis=0)})
+    chosen = choose_comparisons(ctab, (0.0, 0.0), n=int(night.settings.get("photometry", {}).get("ncomp", 5)),
                                 flux_series=flux[:, comp_idx], err_series=err[:, comp_idx],
-                                target_radius=0.0) if len(comp_idx) else np.array([], int)
+                                target_radius=1.0) if len(comp_idx) else np.array([], int)
     cols = comp_idx[np.asarray(chosen, int)]
     site = night.profile.site.earth_location()
     mjd = np.array([p.header["MJD-MID"] for p in prods])

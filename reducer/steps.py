@@ -189,7 +189,9 @@ def step_digest(night, step: str) -> str:
     reference catalogue and quality limits for the a and t steps."""
     if step in ("astrometry", "zeropoint"):
         return night.digest(step, night.settings.get("catalog", {}), night.settings.get("limits", {}),
-                            night.settings.get("photometry", {}))
+                            night.settings.get("photometry", {}), night.settings.get("targets", {}))
+    if step in ("stack", "photometry"):
+        return night.digest(step, night.settings.get("targets", {}), night.settings.get("catalog", {}))
     return night.digest(step)
 
 
@@ -315,7 +317,8 @@ def _astrometry(night, prod: Product) -> Product:
     w = night.profile.table("wcs")
     ra, dec = prod.header.get("RA"), prod.header.get("DEC")
     tgt = night.settings.get("targets", {}).get(prod.header.get("OBJECT", ""), {})
-    if tgt:
+    if (ra is None or dec is None) and tgt:
+        # no header pointing: start from the target's coordinates given in night.toml
         from .headers import parse_angle
         ra, dec = parse_angle(tgt["ra"], "ra"), parse_angle(tgt["dec"], "dec")
     if ra is None or dec is None:

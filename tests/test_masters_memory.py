@@ -3,6 +3,7 @@ stays under the bound and does not grow with the number of frames, compressed in
 the bounded pre-pass (screening, sky-flat median, flat normalisation) and its approximations."""
 from __future__ import annotations
 
+import bz2
 import gc
 import gzip
 import tracemalloc
@@ -198,7 +199,7 @@ def write_frames(folder: Path, n: int, shape=(2048, 1056), overscan: int = 32, s
                  kind: str = "fits", leak: int | None = None) -> list[str]:
     """``n`` seeded bias frames, one int16 (BZERO 32768) image HDU 'CCD' each: level 1000 ADU
     drifting along the rows, a fixed column pattern, read noise 5 ADU, overscan columns at the
-    right; ``kind`` 'fits', 'gz' or 'fz' (RICE tile compression, lossless on integers).
+    right; ``kind`` 'fits', 'gz', 'bz2' or 'fz' (RICE tile compression, lossless on integers).
     Frame ``leak`` gets a light leak (a gradient of 60 ADU on the data)."""
     folder.mkdir(parents=True, exist_ok=True)
     ny, nx = shape
@@ -215,14 +216,15 @@ def write_frames(folder: Path, n: int, shape=(2048, 1056), overscan: int = 32, s
         hdr = fits.Header()
         hdr["IMAGETYP"], hdr["EXPTIME"] = "bias", 0.0
         hdr["DATE-OBS"] = f"2026-11-20T20:{i // 60:02d}:{i % 60:02d}"
-        name = f"b{i:03d}.fits" + (".gz" if kind == "gz" else "")
+        name = f"b{i:03d}.fits" + {"gz": ".gz", "bz2": ".bz2"}.get(kind, "")
         if kind == "fz":
             hdul = fits.HDUList([fits.PrimaryHDU(header=hdr),
                                  fits.CompImageHDU(data, name="CCD", compression_type="RICE_1")])
         else:
             hdul = fits.HDUList([fits.PrimaryHDU(header=hdr), fits.ImageHDU(data, name="CCD")])
-        if kind == "gz":
-            with gzip.open(folder / name, "wb", compresslevel=1) as fh:
+        if kind in ("gz", "bz2"):
+            opener = gzip.open if kind == "gz" else bz2.open
+            with opener(folder / name, "wb", compresslevel=1) as fh:
                 hdul.writeto(fh)
         else:
             hdul.writeto(folder / name, overwrite=True)
@@ -294,7 +296,8 @@ def test_peak_memory_is_bounded_and_does_not_grow_with_n(big, tmp_path):
             assert np.isfinite(h["CCD"].data).all()
         # the whole stack as float32 would not fit: the bound is real
         assert n * 2048 * 1024 * 4 > mem or n == 6
-    assert peaks[12] < peaks[6] + 4 * 2**20, {k: v / 2**20 for k, v in peaks.items()}
+    # measured 47.5 and 50.0 MiB: the strip height follows the bound, not N
+    assert peaks[12] < 1.15 * peaks[6], {k: v / 2**20 for k, v in peaks.items()}
 
 
 @pytest.mark.slow
@@ -328,11 +331,11 @@ def test_big_frames_equal_in_memory_and_light_leak_screened_on_block_medians(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["gz", "fz"])
+@pytest.mark.parametrize("kind", ["gz", "bz2", "fz"])
 def test_compressed_inputs(tmp_path, kind, monkeypatch):
-    """gzip-compressed (decompressed once per frame to a private temporary folder, removed
-    afterwards) and tile-compressed frames give the same master as uncompressed ones,
-    within the same bound."""
+    """gzip- and bzip2-compressed (decompressed once per frame to a private temporary folder,
+    removed afterwards) and tile-compressed frames give the same master as uncompressed
+    ones, within the same bound."""
     import tempfile
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -372,22 +375,66 @@ def test_flat_median_of_a_row_subsample_is_within_0p1_percent():
     assert abs(M.clipped_median(sub) / full - 1) < 1e-3
 
 
-def test_sky_flat_with_a_small_bound_stays_close(snight, tmp_path):
+def test_sky_flat_with_a_small_bound_stays_close(snight, tmp_path, monkeypatch):
     """A sky flat built with a bound too small for exact pre-pass statistics (block-median
-    screening, subsampled medians) stays within 0.1 % of the exact one."""
+    screening, subsampled medians and normalisation, the first detector's outputs moved
+    to disk) stays within 0.1 % of the exact one."""
     night, sets = snight.night, snight.sets
     bias = tmp_path / "bias.fits"
     M.build_master(_set(sets, "bias"), night=night, out_path=bias)
     cs = _set(sets, "flat", subtype="sky")
     M.build_master(cs, night=night, out_path=tmp_path / "a.fits", bias=bias)
+    calls = {"spill": 0, "b": set()}
+    spill, block = M._Scratch.spill, M._block_median_into
+
+    def spy_spill(self, arr):
+        calls["spill"] += 1
+        return spill(self, arr)
+
+    def spy_block(buf, y0, b, small):
+        calls["b"].add(b)
+        return block(buf, y0, b, small)
+
+    monkeypatch.setattr(M._Scratch, "spill", spy_spill)
+    monkeypatch.setattr(M, "_block_median_into", spy_block)
     small = 14 * 2**20
-    M.build_master(cs, night=night, out_path=tmp_path / "b.fits", bias=bias, mem_limit=small)
+    built, peak = traced_peak(lambda: M.build_master(cs, night=night, out_path=tmp_path / "b.fits",
+                                                     bias=bias, mem_limit=small))
+    assert peak < small
+    assert calls["spill"] == 3 and min(calls["b"]) > 1
     with fits.open(tmp_path / "a.fits") as a, fits.open(tmp_path / "b.fits") as b:
         for det in ("CCD1", "CCD2"):
             ra, rb = a[det].data, b[det].data
             ok = np.isfinite(ra) & (ra > 0.3)
             assert np.median(np.abs(rb[ok] / ra[ok] - 1)) < 1e-3
             assert np.mean(np.abs(rb[ok] / ra[ok] - 1) < 1e-3) > 0.99
+
+
+def test_screening_decisions_on_block_medians():
+    """Light leaks and level jumps are flagged alike on the frames and on their 4x4 and 8x8
+    block-median images: the thresholds (3 RN on the level, 2 RN floor on the gradient)
+    keep their meaning."""
+    rng = np.random.default_rng(3)
+    ny, nx = 1024, 512
+    pattern = rng.normal(0, 3, nx)
+    det = SimpleNamespace(rdnoise=7.5, gain=1.5, saturate=60000.0)
+    for bad, flagged in [(("grad", 7.0), False), (("grad", 14.0), True),
+                         (("level", 12.0), False), (("level", 18.0), True)]:
+        frames = []
+        for i in range(5):
+            img = (rng.normal(0, 5.0, (ny, nx)) + pattern).round().astype(np.float32)
+            if i == 2:
+                ramp = np.linspace(0, 1, ny, dtype=np.float32)[:, None]
+                img += np.float32(bad[1]) * (ramp if bad[0] == "grad" else np.float32(1))
+            frames.append(img)
+        for b in (1, 4, 8):
+            smalls = []
+            for i, img in enumerate(frames):
+                s = np.empty((ny // b, nx // b), np.float32)
+                M._block_median_into(img, 0, b, s)
+                smalls.append((SimpleNamespace(file=str(i)), s, None))
+            got = M.screen_inputs("bias", smalls, det)
+            assert ("2" in got) == flagged and set(got) <= {"2"}, (bad, b, got)
 
 
 def test_smooth_normalisation_by_strips_is_identical():

@@ -15,61 +15,85 @@ the cleaned output.  The z step works on *sky-subtracted* data (after the s step
     inbkg  = sky_e                   (the s step's model; removed again internally)
     gain   = 1.0                     (data already in e-)
     readnoise = rdnoise_e [e-],  satlevel = saturate_e [e-, compared with indat]
-    inmask = bad pixels (BAD | SATURATED | LOWFLAT | OFFIMAGE | NONFINITE, non-finite data)
+    inmask = bad pixels (``mask_bits`` = BAD | SATURATED | LOWFLAT | OFFIMAGE | NONFINITE,
+             non-finite data) and the halo of saturated stars (below)
 
 and the cleaned image is brought back to sky-subtracted units by subtracting ``sky_e``
 from ``cleanarr`` *only at the flagged pixels*: every other pixel of the output is the
 input value, bit for bit (no ``+sky-sky`` float32 rounding).
 
-Passing the sky-subtracted data alone (no sky) would make the noise model
-``sqrt(|data| + rn^2) ~ rn`` on blank sky, far below the true ``sqrt(sky + rn^2)``: pure
-noise peaks would be flagged (``tests/test_sky_cosmics.py`` measures this); passing the
-sky-subtracted data *with* ``inbkg = sky`` subtracts the sky twice and gives the same
-underestimate.
+Passing the sky-subtracted data alone (no sky) makes the noise model
+``sqrt(max(data, 0) + rn^2) ~ rn`` on blank sky, far below the true ``sqrt(sky + rn^2)``;
+passing the sky-subtracted data *with* ``inbkg = sky`` subtracts the sky twice and gives
+the same underestimate.  Either way pure noise is "cosmic rays": on a cosmic-ray-free
+1000 e- sky frame more than 20 % of the pixels are flagged after one iteration, against
+at most a few with the sky restored (``tests/test_sky_cosmics.py``).
 
-Choices (measured on simulated frames, see below)
+Masked pixels
+-------------
+Pixels with any of ``mask_bits`` set (and non-finite ones) are given to astroscrappy as
+``inmask``: never flagged, never used to repair a neighbour, returned unchanged.  Their
+values still enter its median filters, so SATURATED pixels keep theirs (astroscrappy grows
+saturated cores from ``satlevel``) while the others (defects, off-image, NaN) are replaced,
+for the call only, by the mean of their usable neighbours (no hole or spike next to good
+pixels).  The halo of saturated stars, ``sat_protect_px`` = 8 px around any SATURATED pixel
+or pixel at/above ``saturate_e``, is not searched: the 7 x 7 median there sits on the
+saturated plateau, the fine-structure test no longer protects blended neighbours, and on
+the simulator a 6 000 e- star 6 px from a saturated one lost 17 pixels.
+
+Choices (measured, ``tests/test_sky_cosmics.py``)
 -------------------------------------------------
-- ``cleantype='medmask'``: a flagged pixel is replaced by the median of the unflagged,
-  unmasked pixels of its 5 x 5 neighbourhood, computed on the sky-subtracted image
-  (astroscrappy cleans after removing ``inbkg``).  Repair error against the true value,
-  in units of the local noise: on blank sky bias +0.10, rms 0.36 (``meanmask`` +0.21 /
-  0.34: unflagged faint cosmic-ray wings pull the mean up; ``idw`` +0.26 / 0.41); on
-  stars bias -0.2, rms 3.2 (``meanmask`` +1.5 / 4.3, ``idw`` +1.5 / 4.0, unmasked
-  ``median`` -5.1 / 7.9).  No 5 x 5 estimate follows a stellar core: a cosmic ray on a
-  star leaves a repaired value good to a few sigma only.
-- ``fsmode='median'`` (classic L.A.Cosmic fine-structure image), ``objlim=5.0``,
-  ``sigclip=4.5``, ``sigfrac=0.1``, ``niter=4``.  ``objlim`` is the star protection:
-  4.0 gains 1-2 % completeness on well-sampled frames (FWHM >= 2.4 px) but flags 0.3 % of
-  the star pixels at FWHM 2.0 px (5.0: 0.03 %).  ``sigfrac=0.1`` instead of 0.3 adds the
-  faint edges of detected events (+3 % completeness, no measurable cost).  ``sigclip``
-  4.0 instead of 4.5 gains 3-5 % but flags ~6x more noise pixels (0.03 % of the sky).
-- ``fsmode='convolve'`` (PSF-matched fine structure; needs ``fwhm_px``) was not better at
-  equal star protection (simulator: 69 % completeness at ``objlim=1.5`` against 76 %),
-  so it is opt-in; its ``objlim`` scale differs (default 1.5 there; 1.0 flags 0.26 % of
+"Strong" = cosmic-ray pixels whose deposit exceeds 5 sigma of the local noise,
+sigma = sqrt(sky + star + rn^2); "star pixels" = unmasked pixels within 2 FWHM of a star,
+minus those within 1 px of a deposit.  Synthetic: 8 frames 256 x 256, sky 1000 e-, FWHM
+2.0-3.5 px, 40 stars each with peaks 50 e- to 95 % of saturation (2 saturated), the
+simulator's cosmic-ray model (60 % Gaussian spots of sigma 0.25-0.9 px, 40 % tracks).
+Simulator: one r-band 300 s frame, sky 9000 e-, FWHM 2.4 px, 2 x 320 x 320 px.
+
+- ``sigclip=4.5, sigfrac=0.1, objlim=5.0, niter=4, sepmed=True, fsmode='median'``.
+  ``objlim`` is the star protection: 4.0 gains 1.7 % completeness (86.8 % of the strong
+  pixels) but flags 0.14 % of the star pixels (0.53 % at FWHM 2.0 px; 5.0: 0.11 %).
+  ``sigfrac=0.1`` instead of astroscrappy's 0.3 adds the faint edges of detected events
+  (+2.1 %; star pixels 0.06 % against 0.05 %).  ``sigclip=4.0`` gains 3-5 % but flags ~6x
+  more noise pixels.  ``sepmed=False`` (exact median filters) is far more conservative at
+  the same ``objlim`` (44 % of the strong pixels); it needs ``objlim`` ~1, which flagged
+  0.4 % of the simulator's star pixels.
+- ``cleantype='meanmask'`` (astroscrappy's default): a flagged pixel becomes the mean of
+  the unflagged, unmasked pixels of its 5 x 5 box, computed on the sky-subtracted image
+  (astroscrappy cleans after removing ``inbkg``).  On blank sky the repaired values are
+  off by +0.23 sigma (the unflagged faint wings of the event) with 0.44 sigma rms.
+  ``'medmask'`` repairs slightly better (+0.10 sigma; on stars -0.2 sigma rms 3.2 against
+  +1.5 / 4.3) but its repairs feed L.A.Cosmic's later iterations differently and let a
+  flag on a bright blended star grow (11 -> 31 pixels in one synthetic frame; star
+  pixels flagged 0.16 % against 0.06 %); ``'idw'`` +0.26 / 0.41.  No 5 x 5 estimate follows
+  a stellar core: a cosmic ray on a star is repaired to a few sigma only.
+- ``fsmode='convolve'`` (PSF-matched fine structure, needs ``fwhm_px``) was not better at
+  equal star protection (exploratory simulator run: 69 % of the strong pixels at
+  ``objlim=1.5`` against 76 % with the defaults), so
+  it is opt-in; its ``objlim`` scale differs (default 1.5 there; 1.0 flags 0.26 % of the
   star pixels).  ``psfmodel='gauss'`` is the kernel for direct images: ``'gaussy'`` /
-  ``'gaussx'`` are one-dimensional kernels meant for spectra and protect no star
-  (32 % of the star pixels flagged in the same test); ``'moffat'`` uses ``psfbeta``.
+  ``'gaussx'`` are one-dimensional kernels meant for spectra and protect no star (37 % of
+  the star pixels flagged at ``objlim=1``); ``'moffat'`` uses ``psfbeta``.
+
+Results with the defaults:
+
+=====================  ========  ==========  ==========  ===========  ========  ========
+data                   strong    > 10 sigma  > 20 sigma  star pixels  noise px  repaired
+                       flagged   flagged     flagged     flagged      flagged   (sky)
+=====================  ========  ==========  ==========  ===========  ========  ========
+synthetic (8 frames)   85.1 %    92.7 %      95.8 %      0.060 %      0.009 %   +0.23 s
+simulator (2 frames)   71.0 %    89.9 %      92 % (37)   0.028 %      --        --
+=====================  ========  ==========  ==========  ===========  ========  ========
+
+The goal of >= 95 % of the strong pixels is reached only above ~20 sigma: single-frame
+L.A.Cosmic cannot find most 5-10 sigma pixels (for a 5 sigma pixel next to a 5 sigma
+neighbour its Laplacian-to-noise statistic is ~4 < ``sigclip``) nor the broad spots
+(sigma 0.8-0.9 px, FWHM 2.1 px: as broad as a star of FWHM 2.4 px) without flagging stars;
+on the simulator (sky 9000 e-) most strong pixels are 5-10 sigma.  Those are left to the
+sigma-clipped stack of dithered frames.
 
 Borders: astroscrappy neither cleans nor fully detects within 2 pixels of the edges; the
 image is padded by reflection (8 pixels) for the call and cropped afterwards.
-
-Performance with the defaults (``tests/test_sky_cosmics.py``; "strong" = cosmic-ray
-pixels whose deposit exceeds 5 sigma of the local noise, sigma = sqrt(sky + star + rn^2);
-the simulator's events: 60 % Gaussian spots of sigma 0.25-0.9 px, 40 % tracks):
-
-================================  ==========  ===========  ============  ==========
-data                              strong       of which     of which      star px
-                                  flagged      5-10 sigma   > 20 sigma    flagged
-================================  ==========  ===========  ============  ==========
-simulator, r 300 s, FWHM 2.4 px   76 %         63 %         98 %          0.002 %
-synthetic, FWHM 2.5-3.5 px        83 %         --           --            0.007 %
-================================  ==========  ===========  ============  ==========
-
-The goal of >= 95 % of the strong pixels is reached only above ~15-20 sigma: single-frame
-L.A.Cosmic cannot find most 5-10 sigma pixels (its Laplacian-to-noise statistic for
-a 5 sigma pixel next to a 5 sigma neighbour is ~4) nor the broad spots (sigma 0.8-0.9 px,
-FWHM 2.1 px: as broad as a star of FWHM 2.4 px) without flagging stars.  Those are left to
-the sigma-clipped stack; ``sigclip=4.0`` is the knob when single frames matter more.
 """
 from __future__ import annotations
 
@@ -129,119 +153,6 @@ def _as_image(name, value, shape):
     return a
 
 
-# --------------------------------------------------------------------------- PSF veto
-#: False-alarm probability of the star hypothesis in the PSF veto (see _psf_veto).
-VETO_ALPHA = 1e-4
-#: Relative PSF-model error allowed in the veto (fraction of the fitted star per pixel).
-VETO_EPS = 0.1
-#: Groups of flagged pixels wider than this [pixel] are never vetoed (tracks).
-VETO_MAXSIZE = 15
-
-
-def _psf_stamps(S, cy, cx, fwhm, model, beta):
-    """(n, S*S) unit-flux pixel-integrated PSFs centred at stamp coordinates (cy, cx)."""
-    from scipy.special import erf
-
-    g = np.arange(S, dtype=float)
-    cy = np.asarray(cy, float)[:, None]
-    cx = np.asarray(cx, float)[:, None]
-    if model == "moffat":
-        alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
-        norm = (beta - 1.0) / (np.pi * alpha ** 2)
-        sub = 4
-        s = (np.arange(sub) + 0.5) / sub - 0.5
-        gs = (g[:, None] + s[None, :]).ravel()
-        r2 = (gs[None, :] - cy)[:, :, None] ** 2 + (gs[None, :] - cx)[:, None, :] ** 2
-        v = norm * (1.0 + r2 / alpha ** 2) ** (-beta)
-        return v.reshape(len(cy), S, sub, S, sub).mean(axis=(2, 4)).reshape(len(cy), -1)
-    sg = fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))) * np.sqrt(2.0)
-    ey = 0.5 * (erf((g + 0.5 - cy) / sg) - erf((g - 0.5 - cy) / sg))
-    ex = 0.5 * (erf((g + 0.5 - cx) / sg) - erf((g - 0.5 - cx) / sg))
-    return (ey[:, :, None] * ex[:, None, :]).reshape(len(cy), -1)
-
-
-def _fit_star(d, w, T):
-    """Weighted least squares of ``d ~ b + A T`` (A >= 0) for every template row of T.
-
-    Returns chi2, A, b (arrays over the templates); weights 0 exclude pixels.
-    """
-    sw, sd, sdd = w.sum(), (w * d).sum(), (w * d * d).sum()
-    st, stt, std = T @ w, (T * T) @ w, T @ (w * d)
-    det = sw * stt - st * st
-    a = np.where(det > 0, (sw * std - st * sd) / np.where(det > 0, det, 1.0), 0.0)
-    a = np.maximum(a, 0.0)
-    b = (sd - a * st) / sw
-    chi = sdd - 2 * b * sd - 2 * a * std + b * b * sw + 2 * a * b * st + a * a * stt
-    return chi, a, b
-
-
-def _best_star(d, w, S, cy0, cx0, span, fwhm, model, beta):
-    """Best star (grid over the centre: 0.25 px, then 0.0625 px): chi2, A, b, template."""
-    o = np.arange(-span, span + 1e-9, 0.25)
-    cy, cx = np.meshgrid(cy0 + o, cx0 + o, indexing="ij")
-    T = _psf_stamps(S, cy.ravel(), cx.ravel(), fwhm, model, beta)
-    chi, a, b = _fit_star(d, w, T)
-    k = int(np.argmin(chi))
-    f = np.arange(-0.1875, 0.19, 0.0625)
-    cy2, cx2 = np.meshgrid(cy.ravel()[k] + f, cx.ravel()[k] + f, indexing="ij")
-    T2 = _psf_stamps(S, cy2.ravel(), cx2.ravel(), fwhm, model, beta)
-    chi2, a2, b2 = _fit_star(d, w, T2)
-    j = int(np.argmin(chi2))
-    return chi2[j], a2[j], b2[j], T2[j]
-
-
-def _psf_veto(sub, var, crmask, bad, fwhm, model, beta):
-    """Unflag the groups of flagged pixels that a star explains as well as a cosmic ray.
-
-    For each 8-connected group (at most :data:`VETO_MAXSIZE` px wide) a stamp around it
-    is fitted with ``b + A * PSF(x - x0, y - y0)`` (``A >= 0``, centre free), once with
-    all pixels (star hypothesis, chi2_s) and once without the group's pixels (cosmic-ray
-    hypothesis: those pixels are free, chi2_c); the variance is the noise of the fitted
-    model plus ``(VETO_EPS * star)^2`` for the PSF model's own error.  Under the star
-    hypothesis ``chi2_s - chi2_c`` follows chi2 with k = (group size) degrees of freedom;
-    the group is kept as a cosmic ray only if it exceeds the ``1 - VETO_ALPHA`` quantile.
-    Returns the new mask and the number of pixels unflagged.
-    """
-    from scipy.ndimage import find_objects, label
-    from scipy.stats import chi2 as chi2_dist
-
-    pad = VETO_MAXSIZE + 8
-    D = np.pad(sub, pad, mode="reflect")
-    V = np.pad(var, pad, mode="reflect")
-    M = np.pad(crmask, pad)
-    B = np.pad(bad, pad, constant_values=True)
-    lab, _ = label(M, structure=np.ones((3, 3), bool))
-    out = M.copy()
-    nveto = 0
-    for i, sl in enumerate(find_objects(lab), 1):
-        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
-        if max(h, w) > VETO_MAXSIZE:
-            continue
-        S = max(7, max(h, w) + 6) | 1
-        cy0 = (sl[0].start + sl[0].stop - 1) / 2.0
-        cx0 = (sl[1].start + sl[1].stop - 1) / 2.0
-        y0, x0 = int(round(cy0)) - S // 2, int(round(cx0)) - S // 2
-        ss = (slice(y0, y0 + S), slice(x0, x0 + S))
-        grp = (lab[ss] == i).ravel()
-        use = ~B[ss].ravel() & ~(M[ss].ravel() & ~grp)
-        d = D[ss].ravel()
-        v = V[ss].ravel()
-        span = max(1.0, (max(h, w) - 1) / 2.0)
-        c = (cy0 - y0, cx0 - x0)
-        wt = np.where(use, 1.0 / v, 0.0)
-        _, a, b, t = _best_star(d, wt, S, *c, span, fwhm, model, beta)
-        star = a * t
-        wt = np.where(use, 1.0 / (v + (VETO_EPS * star) ** 2), 0.0)
-        chi_s, *_ = _best_star(d, wt, S, *c, span, fwhm, model, beta)
-        chi_c, *_ = _best_star(d, np.where(grp, 0.0, wt), S, *c, span, fwhm, model, beta)
-        k = int((grp & use).sum())
-        if chi_s - chi_c <= chi2_dist.isf(VETO_ALPHA, max(k, 1)):
-            out[sl][lab[sl] == i] = False
-            nveto += int(grp.sum())
-    return out[pad:-pad, pad:-pad], nveto
-
-
-
 def _fill_from_neighbours(img: np.ndarray, holes: np.ndarray, default: np.ndarray) -> np.ndarray:
     """Values for the ``holes`` of ``img``: mean of the non-hole pixels in a 5 x 5 box,
     growing the box (x3) until found, else ``default``."""
@@ -267,8 +178,8 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
                   sigfrac: float = 0.1, objlim: float | None = None, niter: int = 4,
                   fwhm_px: float | None = None, fsmode: str = "median",
                   psfmodel: str = "gauss", psfbeta: float = 4.765,
-                  cleantype: str = "medmask", sepmed: bool = True,
-                  psf_veto: bool = True, mask_bits: int = UNUSABLE) -> CosmicResult:
+                  cleantype: str = "meanmask", sepmed: bool = True,
+                  sat_protect_px: float = 8.0, mask_bits: int = UNUSABLE) -> CosmicResult:
     """Detect and repair cosmic rays in a sky-subtracted image in electrons.
 
     Parameters
@@ -283,7 +194,8 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
         replaced by the mean of their usable neighbours.  Not modified.
     sky_e : ndarray (ny, nx) or float
         The sky [e-] that was subtracted from ``data_e`` (the s step's model); it is
-        added back for the noise model (module docstring).
+        added back for the noise model (module docstring).  0 when ``data_e`` still
+        contains its sky (no s step): the noise model is then right as it is.
     rdnoise_e : float
         Read noise [e-].
     saturate_e : float
@@ -314,7 +226,12 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
     cleantype : {'meanmask', 'medmask', 'idw', 'median'}
         Repair of the flagged pixels (module docstring).
     sepmed : bool
-        Separable median filters (faster, almost identical results).
+        Separable median filters (astroscrappy's default, with which ``objlim`` was
+        tuned); False = exact medians, far more conservative at the same ``objlim``
+        (module docstring).
+    sat_protect_px : float
+        Pixels within this distance [pixel] of a SATURATED pixel (of ``mask``) or of a
+        pixel at or above ``saturate_e`` are not searched (module docstring); 0 = off.
     mask_bits : int
         Bits of ``mask`` that exclude a pixel (default: every unusable bit;
         :data:`~reducer.ops.bits.COSMIC` is not among them).
@@ -377,11 +294,22 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
         fill &= ~(((m.astype(np.int64) & SATURATED) != 0) & np.isfinite(d))
     if fill.any():
         total[fill] = _fill_from_neighbours(total, fill, sky)
+    # the halo of saturated stars is not searched: the 7 x 7 median there sits on the
+    # saturated plateau, so the fine-structure test no longer protects the neighbouring
+    # (blended) stars
+    nosearch = bad.copy()
+    if sat_protect_px > 0:
+        sat = np.isfinite(total) & (total >= float(saturate_e))
+        if mask is not None:
+            sat |= (m.astype(np.int64) & SATURATED) != 0
+        if sat.any():
+            from scipy.ndimage import distance_transform_edt
+            nosearch |= distance_transform_edt(~sat) <= float(sat_protect_px)
     pad = ((PAD, PAD), (PAD, PAD)) if min(shape) > PAD else ((0, 0), (0, 0))
     mode = "reflect"
     indat = np.ascontiguousarray(np.pad(total, pad, mode=mode), dtype=np.float32)
     inbkg = np.ascontiguousarray(np.pad(sky, pad, mode=mode), dtype=np.float32)
-    inmask = np.ascontiguousarray(np.pad(bad, pad, mode=mode))
+    inmask = np.ascontiguousarray(np.pad(nosearch, pad, mode=mode))
     kw = dict(inmask=inmask, inbkg=inbkg, sigclip=float(sigclip), sigfrac=float(sigfrac),
               objlim=float(objlim), gain=1.0, readnoise=float(rdnoise_e),
               satlevel=float(saturate_e), niter=int(niter), sepmed=bool(sepmed),
@@ -394,12 +322,8 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
         kw.update(fsmode="median")
     crmask, clean = astroscrappy.detect_cosmics(indat, **kw)
     (y0, y1), (x0, x1) = pad
-    crmask = np.asarray(crmask[y0:y0 + shape[0], x0:x0 + shape[1]], dtype=bool) & ~bad
+    crmask = np.asarray(crmask[y0:y0 + shape[0], x0:x0 + shape[1]], dtype=bool) & ~nosearch
     clean = np.asarray(clean[y0:y0 + shape[0], x0:x0 + shape[1]], dtype=np.float64)
-    if psf_veto and fwhm_px is not None and psfmodel in ("gauss", "moffat") and crmask.any():
-        var = sky + np.maximum(clean - sky, 0.0) + float(rdnoise_e) ** 2
-        crmask, _ = _psf_veto(total - sky, var, crmask, bad, float(fwhm_px), psfmodel,
-                              float(psfbeta))
     out = np.array(d, dtype=np.float32, copy=True)
     out[crmask] = (clean[crmask] - sky[crmask]).astype(np.float32)
 

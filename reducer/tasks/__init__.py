@@ -29,8 +29,14 @@ def doit_config(night) -> dict:
 def night_tasks(dodo_file) -> dict:
     """``DOIT_CONFIG`` and the ``task_*`` generators of the night holding ``dodo_file``."""
     from ..night import Night
+    import os
     from . import calib, inventory, science
     night = Night(Path(dodo_file))
+    # each doit process uses this many threads (OpenMP in astroscrappy, BLAS): with
+    # num_process workers on the machine's cores, more only makes them fight
+    threads = str(night.settings.get("doit", {}).get("threads", 1))
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, threads)
     out = {"DOIT_CONFIG": doit_config(night)}
     out["task_inventory"] = inventory.make_task_generator(night)
     out["task_calib"] = calib.make_task_generator(night)

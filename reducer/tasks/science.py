@@ -130,11 +130,11 @@ def run_stack(night_dir: str, paths: list, out: str) -> dict:
         print(f"stack {Path(out).stem}: no usable frame; nothing stacked")
         from ..masters import write_sidecar
         write_sidecar(Path(out).with_suffix(".json"), {"reason": "no usable frame", "left_out": left})
-        return {"digest": night.digest("stack")}
+        return {"digest": step_digest(night, "stack")}
     tgt = build_stack(night, good, Path(out))
     mag = f"{tgt['mag']:.3f} +- {tgt['mag_err']:.3f}" if "mag" in tgt else tgt.get("reason", "")
     print(f"stack {Path(out).stem}: {len(good)} frames, target {mag}")
-    return {"digest": night.digest("stack")}
+    return {"digest": step_digest(night, "stack")}
 
 
 def run_lightcurve(night_dir: str, paths: list, out: str) -> dict:
@@ -145,14 +145,14 @@ def run_lightcurve(night_dir: str, paths: list, out: str) -> dict:
     good, left = _usable_products(paths)
     if len(good) < 2:
         print(f"lightcurve {Path(out).stem}: fewer than 2 usable frames")
-        return {"digest": night.digest("photometry")}
+        return {"digest": step_digest(night, "photometry")}
     try:
         r = build_lightcurve(night, good, Path(out), Path(out).with_suffix(".png"))
     except ValueError as exc:
         print(f"lightcurve {Path(out).stem}: {exc}")
-        return {"digest": night.digest("photometry")}
+        return {"digest": step_digest(night, "photometry")}
     print(f"lightcurve {Path(out).stem}: {r['n']} points, {r['ncomp']} comparison stars")
-    return {"digest": night.digest("photometry")}
+    return {"digest": step_digest(night, "photometry")}
 
 
 def make_task_generator(night):
@@ -185,7 +185,7 @@ def make_task_generator(night):
             yield {"basename": "stack", "name": name, "file_dep": paths,
                    "actions": [(run_stack, [str(night.dir), paths, str(out)])],
                    "targets": [str(out), str(out.with_suffix(".ecsv")), str(out.with_suffix(".json"))],
-                   "uptodate": [DigestUnchanged(night.digest("stack"))], "clean": True,
+                   "uptodate": [DigestUnchanged(step_digest(night, "stack"))], "clean": True,
                    "doc": f"stack of {target} in {filt} ({len(paths)} frames)"}
             by_target[target].append(f"stack:{name}")
             if len(paths) >= nmin:
@@ -193,7 +193,7 @@ def make_task_generator(night):
                 yield {"basename": "lightcurve", "name": name, "file_dep": paths,
                        "actions": [(run_lightcurve, [str(night.dir), paths, str(lc)])],
                        "targets": [str(lc), str(lc.with_suffix(".png"))],
-                       "uptodate": [DigestUnchanged(night.digest("photometry"))], "clean": True,
+                       "uptodate": [DigestUnchanged(step_digest(night, "photometry"))], "clean": True,
                        "doc": f"light curve of {target} in {filt}"}
                 by_target[target].append(f"lightcurve:{name}")
         for target, deps in sorted(by_target.items()):
