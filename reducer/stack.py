@@ -122,7 +122,7 @@ def build_stack(night, paths, out: Path) -> dict:
     atomic_write_text(out.with_suffix(".ecsv"), buf.getvalue())
     ra, dec = target_coords(night, [pr.header for pr in prods])
     tgt = target_photometry(data, unc, phot_mask, wcs_out, ra, dec, cat.meta.get("fwhm_px", 3.0),
-                            prim.get("PHOTZP"))
+                            prim.get("PHOTZP"), cat.meta.get("aperture_correction", 1.0))
     tgt.update({"target": h0.get("TARGET", ""), "filter": h0.get("FILTER", ""),
                 "nframes": len(prods), "exptime_total": float(sum(exptimes)),
                 "inputs": [Path(p).name for p in paths]})
@@ -148,9 +148,14 @@ def stack_catalogue(data, unc, mask, wcs, zp, pixel_scale: float):
     img = data
     stars = detect_stars(img, (mask & UNUSABLE) != 0, fwhm_px=3.0, max_stars=2000)
     fwhm = float(stars.meta.get("fwhm_px", 3.0)) if len(stars) else 3.0
-    r = 2.0 * fwhm
+    r, big = 2.0 * fwhm, 4.0 * fwhm
     xy = np.column_stack([stars["x"], stars["y"]]) if len(stars) else np.zeros((0, 2))
-    tab = aperture_photometry(img, unc, mask, xy, r_ap=r, r_in=r + 5, r_out=r + 12, bkg_stat="mean")
+    tab = aperture_photometry(img, unc, mask, xy, r_ap=r, r_in=big + 3, r_out=big + 10, bkg_stat="mean")
+    from .ops.photometry import aperture_correction
+    apc, apc_err, napc = aperture_correction(img, unc, mask, xy, r_ap=r, r_big=big,
+                                             r_in=big + 3, r_out=big + 10)
+    tab["flux"] = np.asarray(tab["flux"]) * apc            # total flux (e-/s)
+    tab["flux_err"] = np.asarray(tab["flux_err"]) * apc
     ra, dec = wcs.pixel_to_world_values(tab["x"], tab["y"]) if len(tab) else ([], [])
     tab["ra"], tab["dec"] = ra, dec
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -161,12 +166,15 @@ def stack_catalogue(data, unc, mask, wcs, zp, pixel_scale: float):
     tab.meta["fwhm_px"] = fwhm
     tab.meta["fwhm_arcsec"] = fwhm * pixel_scale
     tab.meta["aperture_px"] = r
+    tab.meta["aperture_correction"] = apc
+    tab.meta["aperture_correction_stars"] = napc
     tab.meta["calibrated"] = zp is not None
     return tab
 
 
-def target_photometry(data, unc, mask, wcs, ra, dec, fwhm_px, zp) -> dict:
-    """Magnitude of the target at (ra, dec) in a stack (aperture 2 x FWHM)."""
+def target_photometry(data, unc, mask, wcs, ra, dec, fwhm_px, zp, apcorr: float = 1.0) -> dict:
+    """Magnitude of the target at (ra, dec) in a stack (aperture 2 x FWHM, corrected to total
+    flux by ``apcorr``)."""
     from .ops.photometry import aperture_photometry
     x, y = wcs.world_to_pixel_values(ra, dec)
     out = {"ra": ra, "dec": dec, "x": float(x), "y": float(y)}
@@ -176,9 +184,9 @@ def target_photometry(data, unc, mask, wcs, ra, dec, fwhm_px, zp) -> dict:
         out["reason"] = "target outside the stack"
         return out
     data, unc, mask = _clean(data, unc, mask)
-    tab = aperture_photometry(data, unc, mask, np.array([[x, y]]), r_ap=r, r_in=r + 5,
-                              r_out=r + 12, bkg_stat="mean")
-    f, fe = float(tab["flux"][0]), float(tab["flux_err"][0])
+    tab = aperture_photometry(data, unc, mask, np.array([[x, y]]), r_ap=r, r_in=2 * r + 3,
+                              r_out=2 * r + 10, bkg_stat="mean")
+    f, fe = float(tab["flux"][0]) * apcorr, float(tab["flux_err"][0]) * apcorr
     out.update({"flux_e_per_s": f, "flux_err": fe, "flags": int(tab["flags"][0])})
     if f > 0 and int(tab["flags"][0]) == 0:
         out["mag"] = -2.5 * np.log10(f) + (zp if zp is not None else 0.0)
@@ -228,10 +236,19 @@ def build_lightcurve(night, paths, out_ecsv: Path, out_png: Path) -> dict:
             inside = (x > r + 12) & (x < nx - r - 13) & (y > r + 12) & (y < ny - r - 13)
             if not inside.any():
                 continue
-            tab = aperture_photometry(d.data, d.unc, d.mask, np.column_stack([x[inside], y[inside]]),
-                                      r_ap=r, r_in=r + 5, r_out=r + 12, bkg_stat="mean")
-            flux[i, inside] = np.asarray(tab["flux"]) / t
-            err[i, inside] = np.asarray(tab["flux_err"]) / t
+            # defect and low-flat pixels are calibrated (dark-subtracted, their noise in unc):
+            # keep them, so a hot pixel near the target does not drop the frame; saturated,
+            # non-finite and off-image pixels still flag the measurement
+            from .ops.bits import NONFINITE, OFFIMAGE, SATURATED
+            keep = d.mask & (SATURATED | NONFINITE | OFFIMAGE)
+            xy = np.column_stack([x[inside], y[inside]])
+            tab = aperture_photometry(d.data, d.unc, keep, xy, r_ap=r, r_in=2 * r + 3,
+                                      r_out=2 * r + 10, bkg_stat="mean")
+            from .ops.photometry import aperture_correction
+            apc, _, _ = aperture_correction(d.data, d.unc, keep, xy, r_ap=r, r_big=2 * r,
+                                            r_in=2 * r + 3, r_out=2 * r + 10)
+            flux[i, inside] = np.asarray(tab["flux"]) * apc / t      # total e-/s
+            err[i, inside] = np.asarray(tab["flux_err"]) * apc / t
             flags[i, inside] = np.asarray(tab["flags"])
     on = np.isfinite(flux[:, 0]) & (flags[:, 0] & 1 == 0)
     if on.sum() < 2:

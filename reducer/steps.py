@@ -383,7 +383,8 @@ def catalog_mag_column(night, filt: str) -> str | None:
 
 def _zeropoint(night, prod: Product) -> Product:
     from astropy.wcs import WCS
-    from .ops.photometry import aperture_photometry, fwhm_estimate, instrumental_mag, zero_point
+    from .ops.photometry import (aperture_correction, aperture_photometry, fwhm_estimate,
+                                 instrumental_mag, zero_point)
     opts = night.settings.get("photometry", {})
     limits = night.profile.raw.get("limits", {}) | night.settings.get("limits", {})
     exptime = float(prod.header["EXPTIME"])
@@ -406,11 +407,17 @@ def _zeropoint(night, prod: Product) -> Product:
         fw = fwhm_estimate(d.data, xy, mask=d.mask, saturation=d.header.get("SATURATE"))
         if np.isfinite(fw):
             fwhms.append(fw)
-        r = float(opts.get("aperture_fwhm", 2.0)) * (fw if np.isfinite(fw) else 3.0)
-        tab = aperture_photometry(d.data, d.unc, d.mask, xy, r_ap=r, r_in=r + 5, r_out=r + 12,
+        f0 = fw if np.isfinite(fw) else 3.0
+        r = float(opts.get("aperture_fwhm", 2.0)) * f0
+        big = 4.0 * f0
+        tab = aperture_photometry(d.data, d.unc, d.mask, xy, r_ap=r, r_in=big + 3, r_out=big + 10,
                                   bkg_stat="mean")
+        # the zero point refers to total flux: aperture fluxes times the aperture correction
+        apc, _, _ = aperture_correction(d.data, d.unc, d.mask, xy, r_ap=r, r_big=big,
+                                        r_in=big + 3, r_out=big + 10)
         good = (tab["flags"] == 0) & (tab["flux"] > 0)
-        m, e = instrumental_mag(np.asarray(tab["flux"]), np.asarray(tab["flux_err"]), exptime)
+        m, e = instrumental_mag(np.asarray(tab["flux"]) * apc, np.asarray(tab["flux_err"]) * apc,
+                                exptime)
         inst.append(m[good])
         ierr.append(e[good])
         if calibrated:
