@@ -778,11 +778,11 @@ def build_master(cs: CalSet, *, night, out_path: Path, bias: Path | None = None,
         prim["INSTRUME"] = (profile.name, "reducer instrument profile")
         prim["NIGHT"] = (night.utdate, "observing night (UT date)")
         prim["NFRAMES"] = (n, "number of input frames")
-        prim["MINMJD"] = (min(f.mjd for f in frames), "earliest input MJD (UTC)")
-        prim["MAXMJD"] = (max(f.mjd for f in frames), "latest input MJD (UTC)")
+        prim["MINMJD"] = (round(min(f.mjd for f in frames), 8), "earliest input MJD (UTC)")
+        prim["MAXMJD"] = (round(max(f.mjd for f in frames), 8), "latest input MJD (UTC)")
         prim["INFOBITS"] = (infobits, f"bit i: 1% of det i px <{INFOBITS_MIN_SAMPLES[cs.imtype]} samples")
         prim["CLIPSIG"] = (nsigma if n >= SMALL_N else 0.0,
-                           "clip half-width, robust sigmas (P84-P16)/2; 0: none")
+                           "clip, robust sigmas (P84-P16)/2; 0 none")
         few = n < DEFAULT_MIN_FRAMES
         prim["FEWFRAME"] = (few, f"fewer than {DEFAULT_MIN_FRAMES} frames")
         prim["ESTIMATR"] = ("clipped mean" if n >= SMALL_N else (f"mean of {n}" if n > 1 else "single frame"),

@@ -92,3 +92,27 @@ def test_caha_few_frames(tmp_path):
     with fits.open(nd / "masters" / "master_bias_1x1_1024x1024_normal.fits") as h:
         assert h[0].header["ESTIMATR"] == "mean of 2"
     print(out)
+
+
+def test_wht_spectra_cosmic_rays(tmp_path):
+    """The spectrograph's chain is p then z (no flat in this set): products pr*, zpr*; the
+    two 1800 s frames are full of real cosmic rays, found and repaired."""
+    raw = real_set("wht-isis-red-longslit")
+    cfg = _site(tmp_path, "wht-isis-red")
+    run_cli("--config", str(cfg), "night", "20180802", "--raw", str(raw), cwd=tmp_path)
+    nd = tmp_path / "redux" / "20180802"
+    run_doit(nd, "science")
+    for stem in ("r2701242", "r2701244"):
+        assert (nd / "GDR2" / f"p{stem}.fits").is_file()
+        with fits.open(nd / "GDR2" / f"zp{stem}.fits") as h:
+            assert h[0].header["NCOSMIC"] > 300            # ~900 events in 30 min here
+            det = h["REDPLUS"]
+            assert det.header["BUNIT"] == "electron" and det.data.shape == (4096, 966)
+            crpix = (h["REDPLUS_MASK"].data & 8) != 0
+            assert 0.0005 < crpix.mean() < 0.01
+            # repaired pixels are no longer outliers against their neighbours
+            from scipy.ndimage import median_filter
+            med = median_filter(det.data, size=5)
+            resid = (det.data - med)[crpix] / h["REDPLUS_UNC"].data[crpix]
+            assert np.median(np.abs(resid)) < 3
+    assert not (nd / "GDR2" / "fpr2701242.fits").exists()

@@ -21,7 +21,10 @@ def night(tmp_path_factory):
     sim = make_night(root / "raw" / "20261120", seed=7, filters=("r",),
                      targets=[Target("FIELD-A", filters=("r",), nexp=3, exptime=120.0)],
                      standard=False)
-    run_cli("night", "20261120", "--raw", str(sim.raw_dir), "--instrument", "demo", cwd=root)
+    cfg = root / "reducer.toml"
+    cfg.write_text(f'instrument = "demo"\nredux = "redux"\nmasters_store = "masters"\n'
+                   f'[catalog]\npath = "{sim.catalog_path}"\n')
+    run_cli("--config", str(cfg), "night", "20261120", "--raw", str(sim.raw_dir), cwd=root)
     nd = root / "redux" / "20261120"
     out = run_doit(nd, "science").stdout
     return {"sim": sim, "dir": nd, "out": out}

@@ -118,6 +118,13 @@ def _usable_products(paths):
     return good, left
 
 
+def remove_files(paths: list) -> None:
+    """doit clean action: remove products that exist."""
+    for p in paths:
+        if Path(p).exists():
+            Path(p).unlink()
+
+
 def run_stack(night_dir: str, paths: list, out: str) -> dict:
     """doit action: stack, catalogue and target magnitude of one target and filter."""
     from ..night import Night
@@ -184,8 +191,12 @@ def make_task_generator(night):
             out = night.dir / "stacks" / f"{name}.fits"
             yield {"basename": "stack", "name": name, "file_dep": paths,
                    "actions": [(run_stack, [str(night.dir), paths, str(out)])],
-                   "targets": [str(out), str(out.with_suffix(".ecsv")), str(out.with_suffix(".json"))],
-                   "uptodate": [DigestUnchanged(step_digest(night, "stack"))], "clean": True,
+                   # the JSON is always written (the target's magnitude, or why nothing was
+                   # stacked); the FITS and the catalogue only when frames were usable
+                   "targets": [str(out.with_suffix(".json"))],
+                   "uptodate": [DigestUnchanged(step_digest(night, "stack"))],
+                   "clean": [(remove_files, [[str(out), str(out.with_suffix(".ecsv")),
+                                               str(out.with_suffix(".json"))]])],
                    "doc": f"stack of {target} in {filt} ({len(paths)} frames)"}
             by_target[target].append(f"stack:{name}")
             if len(paths) >= nmin:
