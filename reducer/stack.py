@@ -189,7 +189,8 @@ def target_photometry(data, unc, mask, wcs, ra, dec, fwhm_px, zp, apcorr: float 
     f, fe = float(tab["flux"][0]) * apcorr, float(tab["flux_err"][0]) * apcorr
     out.update({"flux_e_per_s": f, "flux_err": fe, "flags": int(tab["flags"][0])})
     if f > 0 and int(tab["flags"][0]) == 0:
-        out["mag"] = -2.5 * np.log10(f) + (zp if zp is not None else 0.0)
+        key = "mag" if zp is not None else "mag_inst"      # instrumental: -2.5 log10(e-/s)
+        out[key] = -2.5 * np.log10(f) + (zp if zp is not None else 0.0)
         out["mag_err"] = 1.0857 * fe / f
         out["calibrated"] = zp is not None
     elif f <= 0:

@@ -189,10 +189,28 @@ def step_digest(night, step: str) -> str:
     reference catalogue and quality limits for the a and t steps."""
     if step in ("astrometry", "zeropoint"):
         return night.digest(step, night.settings.get("catalog", {}), night.settings.get("limits", {}),
-                            night.settings.get("photometry", {}), night.settings.get("targets", {}))
+                            night.settings.get("photometry", {}), night.settings.get("targets", {}),
+                            _catalog_stamp(night))
     if step in ("stack", "photometry"):
-        return night.digest(step, night.settings.get("targets", {}), night.settings.get("catalog", {}))
+        return night.digest(step, night.settings.get("targets", {}), night.settings.get("catalog", {}),
+                            _catalog_stamp(night))
     return night.digest(step)
+
+
+def _catalog_stamp(night) -> str:
+    """Size and modification time of the reference catalogue file: editing the catalogue
+    rebuilds the steps that use it."""
+    path = night.settings.get("catalog", {}).get("path")
+    if not path:
+        return ""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = night.site.base / p
+    try:
+        st = p.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _transform(night_dir: str, filename: str, src: str, out: str, step: str, fn) -> dict | bool:
@@ -404,16 +422,20 @@ def _zeropoint(night, prod: Product) -> Product:
         if not inside.any():
             continue
         xy = np.column_stack([x[inside], y[inside]])
-        fw = fwhm_estimate(d.data, xy, mask=d.mask, saturation=d.header.get("SATURATE"))
+        from .ops.bits import NONFINITE, OFFIMAGE, SATURATED, UNUSABLE
+        fw = fwhm_estimate(d.data, xy, mask=d.mask & UNUSABLE, saturation=d.header.get("SATURATE"))
+        # photometry: defect pixels are calibrated (dark-subtracted, noise in unc); only
+        # saturated, non-finite or off-image pixels spoil a star
+        pmask = d.mask & (SATURATED | NONFINITE | OFFIMAGE)
         if np.isfinite(fw):
             fwhms.append(fw)
         f0 = fw if np.isfinite(fw) else 3.0
         r = float(opts.get("aperture_fwhm", 2.0)) * f0
         big = 4.0 * f0
-        tab = aperture_photometry(d.data, d.unc, d.mask, xy, r_ap=r, r_in=big + 3, r_out=big + 10,
+        tab = aperture_photometry(d.data, d.unc, pmask, xy, r_ap=r, r_in=big + 3, r_out=big + 10,
                                   bkg_stat="mean")
         # the zero point refers to total flux: aperture fluxes times the aperture correction
-        apc, _, _ = aperture_correction(d.data, d.unc, d.mask, xy, r_ap=r, r_big=big,
+        apc, _, _ = aperture_correction(d.data, d.unc, pmask, xy, r_ap=r, r_big=big,
                                         r_in=big + 3, r_out=big + 10)
         good = (tab["flags"] == 0) & (tab["flux"] > 0)
         m, e = instrumental_mag(np.asarray(tab["flux"]) * apc, np.asarray(tab["flux_err"]) * apc,

@@ -139,7 +139,12 @@ def run_stack(night_dir: str, paths: list, out: str) -> dict:
         write_sidecar(Path(out).with_suffix(".json"), {"reason": "no usable frame", "left_out": left})
         return {"digest": step_digest(night, "stack")}
     tgt = build_stack(night, good, Path(out))
-    mag = f"{tgt['mag']:.3f} +- {tgt['mag_err']:.3f}" if "mag" in tgt else tgt.get("reason", "")
+    if "mag" in tgt:
+        mag = f"{tgt['mag']:.3f} +- {tgt['mag_err']:.3f}"
+    elif "mag_inst" in tgt:
+        mag = f"{tgt['mag_inst']:.3f} +- {tgt['mag_err']:.3f} (instrumental: no zero point)"
+    else:
+        mag = tgt.get("reason", "")
     print(f"stack {Path(out).stem}: {len(good)} frames, target {mag}")
     return {"digest": step_digest(night, "stack")}
 
