@@ -424,9 +424,10 @@ def _zeropoint(night, prod: Product) -> Product:
         xy = np.column_stack([x[inside], y[inside]])
         from .ops.bits import NONFINITE, OFFIMAGE, SATURATED, UNUSABLE
         fw = fwhm_estimate(d.data, xy, mask=d.mask & UNUSABLE, saturation=d.header.get("SATURATE"))
-        # photometry: defect pixels are calibrated (dark-subtracted, noise in unc); only
-        # saturated, non-finite or off-image pixels spoil a star
-        pmask = d.mask & (SATURATED | NONFINITE | OFFIMAGE)
+        # zero-point stars: any unusable pixel (defect, saturated, low flat, off-image)
+        # rejects a star; repaired cosmic-ray pixels do not (on ARCSAT keeping stars with a
+        # hot pixel in the aperture took the same-target ZP rms from 0.015 to 0.039 mag)
+        pmask = d.mask & UNUSABLE
         if np.isfinite(fw):
             fwhms.append(fw)
         f0 = fw if np.isfinite(fw) else 3.0
