@@ -35,6 +35,16 @@ def atomic_path(path: Path, suffix: str = ""):
             tmp.unlink()
 
 
+def astropy_offline() -> None:
+    """Astropy never tries the network: no IERS download (the ``astropy-iers-data`` package
+    supplies the tables), no remote data. Called wherever reducer uses time scales."""
+    from astropy.utils import iers
+    from astropy.utils.data import conf as data_conf
+    iers.conf.auto_download = False
+    iers.conf.auto_max_age = None
+    data_conf.allow_internet = False
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -190,6 +190,8 @@ def _fill(fr: Frame, raw: RawHeaders, profile: Profile, get, filename: str) -> N
     mv, mkey = read_field(profile, get, "mjd_obs")
     if dv is None and mv is not None:
         from astropy.time import Time
+        from .fitsio import astropy_offline
+        astropy_offline()
         t = Time(parse_number(mv, mkey), format="mjd", scale="utc").to_datetime(timezone_utc())
     else:
         t = parse_datetime(dv, tv, profile.date_order)

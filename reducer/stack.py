@@ -206,6 +206,8 @@ def build_lightcurve(night, paths, out_ecsv: Path, out_png: Path) -> dict:
     from astropy.wcs import WCS
     from .fitsio import atomic_path
     from .ops.lightcurve import bjd_tdb, choose_comparisons, differential_lightcurve, plot_lightcurve
+    from .fitsio import astropy_offline
+    astropy_offline()
     from .ops.photometry import aperture_photometry
     prods = [read_product(Path(p)) for p in paths]
     prods.sort(key=lambda p: p.header["MJD-MID"])
