@@ -37,8 +37,6 @@ def night_tasks(dodo_file) -> dict:
     threads = str(night.settings.get("doit", {}).get("threads", 1))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, threads)
-    # astropy in every doit process: never the network (IERS tables from astropy-iers-data)
-    os.environ.setdefault("ASTROPY_IERS_AUTO_DOWNLOAD", "False")
     out = {"DOIT_CONFIG": doit_config(night)}
     out["task_inventory"] = inventory.make_task_generator(night)
     out["task_calib"] = calib.make_task_generator(night)
