@@ -37,8 +37,8 @@ The s, z, a and t steps are the step functions themselves (on in-memory
 ``reference_catalog`` is the in-memory cone of the catalogue: only the catalogue *file*
 read is left out), so their parameters are exactly the night's.  Astroscrappy alone is
 ``astroscrappy.detect_cosmics`` called with the very arguments the z step passed it (the
-padded, sky-restored float32 frame, its sky, its mask and keywords, captured during the
-chain's call), after the chain, and checked to give the same mask and cleaned image.
+padded, sky-restored float32 frame, its sky, its mask and keywords, captured during a
+chain's call), on the same frame, and checked to give the same mask and cleaned image.
 
 Imports (timed once, cold) are excluded; unless ``--no-warmup`` the frame goes through the
 whole chain once untimed first, so that first-call costs (astropy frame graph, OpenMP pool,
