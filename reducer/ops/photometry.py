@@ -60,26 +60,18 @@ FLAG_NONPOS = 16     #: flux <= 0 or not finite (no magnitude can be formed)
 #: 2.5 / ln(10): magnitude error per unit relative flux error.
 MAG_PER_LN = 2.5 / math.log(10.0)
 
-_DEFAULT_BITS = {"BAD": 1, "SATURATED": 2, "LOWFLAT": 4, "COSMIC": 8, "OFFIMAGE": 16,
-                 "NONFINITE": 32}
 
 
 def _bit(name: str) -> int:
-    """Mask bit ``name`` from :mod:`reducer.ops.bits` (its documented default if absent)."""
-    try:
-        from reducer.ops import bits as _b  # written by a colleague; may not exist yet
-    except ImportError:
-        return _DEFAULT_BITS[name]
-    return int(getattr(_b, name, _DEFAULT_BITS[name]))
+    """Mask bit ``name`` of :mod:`reducer.ops.bits`."""
+    from . import bits
+    return int(getattr(bits, name))
 
 
 def _unusable() -> int:
-    """Bits that make a pixel unusable (:data:`reducer.ops.bits.UNUSABLE`; all if absent)."""
-    try:
-        from reducer.ops import bits as _b
-    except ImportError:
-        return 0xFFFF
-    return int(getattr(_b, "UNUSABLE", 0xFFFF))
+    """Bits that make a pixel unusable (:data:`reducer.ops.bits.UNUSABLE`)."""
+    from . import bits
+    return int(bits.UNUSABLE)
 
 
 def _positions(positions_xy) -> np.ndarray:

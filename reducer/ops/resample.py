@@ -66,27 +66,19 @@ import numpy as np
 
 __all__ = ["Resampled", "StackResult", "common_wcs", "resample", "pixel_area_ratio", "stack"]
 
-_DEFAULT_BITS = {"BAD": 1, "SATURATED": 2, "LOWFLAT": 4, "COSMIC": 8, "OFFIMAGE": 16,
-                 "NONFINITE": 32}
 _ORDERS = {"bilinear": 1, "nearest-neighbor": 0, "nearest": 0}
 
 
 def _bit(name: str) -> int:
-    """Mask bit ``name`` from :mod:`reducer.ops.bits` (its documented default if absent)."""
-    try:
-        from reducer.ops import bits as _b  # written by a colleague; may not exist yet
-    except ImportError:
-        return _DEFAULT_BITS[name]
-    return int(getattr(_b, name, _DEFAULT_BITS[name]))
+    """Mask bit ``name`` of :mod:`reducer.ops.bits`."""
+    from . import bits
+    return int(getattr(bits, name))
 
 
 def _unusable() -> int:
-    """Bits that make a pixel unusable (:data:`reducer.ops.bits.UNUSABLE`; all if absent)."""
-    try:
-        from reducer.ops import bits as _b
-    except ImportError:
-        return 0xFFFF
-    return int(getattr(_b, "UNUSABLE", 0xFFFF))
+    """Bits that make a pixel unusable (:data:`reducer.ops.bits.UNUSABLE`)."""
+    from . import bits
+    return int(bits.UNUSABLE)
 
 
 # --------------------------------------------------------------------------- common grid
