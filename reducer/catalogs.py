@@ -177,12 +177,9 @@ def cone(table, ra: float, dec: float, radius_deg: float):
 
 
 def _sep_deg(ra1, dec1, ra2, dec2):
-    """Angular separation [deg] (Vincenty formula)."""
-    l1, b1, l2, b2 = (np.radians(np.asarray(v, dtype=float)) for v in (ra1, dec1, ra2, dec2))
-    dl = l2 - l1
-    num = np.hypot(np.cos(b2) * np.sin(dl), np.cos(b1) * np.sin(b2) - np.sin(b1) * np.cos(b2) * np.cos(dl))
-    den = np.sin(b1) * np.sin(b2) + np.cos(b1) * np.cos(b2) * np.cos(dl)
-    return np.degrees(np.arctan2(num, den))
+    """Angular separation [deg] (see :func:`reducer.ops.astrometry._sep_deg`)."""
+    from .ops.astrometry import _sep_deg as sep
+    return sep(ra1, dec1, ra2, dec2)
 
 
 # --------------------------------------------------------------------------- Gaia DR3

@@ -23,7 +23,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .schema import Either, ListOf, MapOf, OneOf, SchemaError, Table, validate
+from .schema import Either, ListOf, MapOf, SchemaError, Table, validate
 
 #: stage tables: each may appear in reducer.toml, a profile (some) and night.toml
 STAGES = ("inventory", "calib", "overscan", "combine", "verify", "prepare", "flatten", "sky",

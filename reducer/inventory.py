@@ -9,7 +9,6 @@ into the raw folder.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -414,7 +413,7 @@ def explain(path: Path, profile: Profile) -> str:
     except FrameError as exc:
         return "\n".join(lines + [f"  set aside: {exc}"])
     get = header_getter(raw, profile)
-    lines.append(f"  HDUs: " + ", ".join(f"{i}:{n or '?'}{'' if s is None else f' {s[1]}x{s[0]}'}"
+    lines.append("  HDUs: " + ", ".join(f"{i}:{n or '?'}{'' if s is None else f' {s[1]}x{s[0]}'}"
                                          for i, (n, s) in enumerate(zip(raw.names, raw.shapes))))
     for name in ("imagetyp", "object", "filter", "exptime", "date_obs", "time_obs", "xbin", "ybin"):
         specs = profile.keywords.get(name, ())

@@ -9,7 +9,6 @@ reports give the reason, while the rest of the night finishes.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -329,7 +328,6 @@ def reference_catalog(night, ra: float, dec: float, radius_deg: float):
 
 
 def _astrometry(night, prod: Product) -> Product:
-    from astropy.wcs import WCS
     from .ops.astrometry import detect_stars, initial_wcs, match_and_fit
     opts = night.settings.get("astrometry", {})
     w = night.profile.table("wcs")
@@ -422,7 +420,7 @@ def _zeropoint(night, prod: Product) -> Product:
         if not inside.any():
             continue
         xy = np.column_stack([x[inside], y[inside]])
-        from .ops.bits import NONFINITE, OFFIMAGE, SATURATED, UNUSABLE
+        from .ops.bits import UNUSABLE
         fw = fwhm_estimate(d.data, xy, mask=d.mask & UNUSABLE, saturation=d.header.get("SATURATE"))
         # zero-point stars: any unusable pixel (defect, saturated, low flat, off-image)
         # rejects a star; repaired cosmic-ray pixels do not (on ARCSAT keeping stars with a

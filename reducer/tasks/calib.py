@@ -332,7 +332,6 @@ def _defects_inputs(night, sets, key: dict, mjd: float, runtime: bool):
 
 def health_tasks(night, frames, sets, digest: str, mjd: float):
     """``calib:health`` (read noise and gain vs the profile) and ``calib:defects_<key>``."""
-    from ..inventory import read_nightlog  # noqa: F401  (frames already read)
     if any(cs.imtype == "bias" and len(cs.frames) >= 2 for cs in sets):
         deps = [str(night.raw_dir / f.file) for cs in sets if cs.imtype in ("bias", "flat")
                 for f in cs.frames]

@@ -1,8 +1,6 @@
 """doit task: the frame inventory (``nightlog.ecsv``)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 
 class RawUnchanged:
     """doit ``uptodate`` check: the raw folder (names, sizes, times) and settings are as last seen."""
