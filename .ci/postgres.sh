@@ -23,6 +23,9 @@
 
 _reducer_pg_setup() (
     set -euo pipefail
+    # Only the URL line goes to stdout; the tools' chatter goes to stderr (pg_ctlcluster
+    # prints "Removed stale pid file." on stdout).  No extra descriptor is opened: the
+    # server started here would inherit it and keep the caller's $(...) waiting.
     cluster=${REDUCER_PG_CLUSTER:-reducer_test}
     port=${REDUCER_PG_PORT:-55432}
     user=${REDUCER_PG_USER:-reducer_test}
@@ -78,11 +81,11 @@ CONF
         running=$("${sudo[@]}" su postgres -c "psql -X -At -p $port -c 'show listen_addresses'" 2>/dev/null || true)
         if [[ $running != 127.0.0.1 ]]; then
             log "restarting cluster $version/$cluster to apply its settings"
-            "${sudo[@]}" pg_ctlcluster "$version" "$cluster" restart
+            "${sudo[@]}" pg_ctlcluster "$version" "$cluster" restart >&2
         fi
     else
         log "starting cluster $version/$cluster"
-        "${sudo[@]}" pg_ctlcluster "$version" "$cluster" start
+        "${sudo[@]}" pg_ctlcluster "$version" "$cluster" start >&2
     fi
     for _ in $(seq 1 30); do
         pg_isready -q -h 127.0.0.1 -p "$port" && break
@@ -111,7 +114,7 @@ SQL
     # 4. check the password login the tests will use
     PGPASSWORD=$password psql -X -q -h 127.0.0.1 -p "$port" -U "$user" -d "$db" -At -c 'SELECT 1' >/dev/null \
         || { log "cannot log in as $user on 127.0.0.1:$port/$db"; exit 1; }
-    echo "postgresql+psycopg2://$user:$password@127.0.0.1:$port/$db"
+    echo "URL=postgresql+psycopg2://$user:$password@127.0.0.1:$port/$db"
 )
 
 # The setup runs in a new bash process: `set -e` is silently ignored in a function or
@@ -125,8 +128,9 @@ _reducer_pg_out=$(
     echo "rc=$?"
 )
 if [[ $_reducer_pg_out == *rc=0 ]]; then
-    _reducer_pg_out=${_reducer_pg_out%rc=0}
-    export REDUCER_TEST_PG_URL="${_reducer_pg_out//$'\n'/}"
+    # the line that starts with URL=, whatever else reached stdout
+    _reducer_pg_out=$(printf '%s\n' "$_reducer_pg_out" | sed -n 's/^URL=//p' | tail -1)
+    export REDUCER_TEST_PG_URL="$_reducer_pg_out"
     echo "postgres.sh: REDUCER_TEST_PG_URL=$REDUCER_TEST_PG_URL" >&2
     if [[ ${BASH_SOURCE[0]} == "$0" ]]; then  # executed, not sourced: print for eval
         printf 'export REDUCER_TEST_PG_URL=%q\n' "$REDUCER_TEST_PG_URL"
