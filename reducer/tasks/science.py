@@ -215,6 +215,9 @@ def make_task_generator(night):
         for target, deps in sorted(by_target.items()):
             yield {"basename": "science", "name": target, "actions": None, "task_dep": deps,
                    "doc": f"target {target}: {len(deps)} frame(s) through the chain"}
+        # report.txt again once every target is done (`doit report` writes it alone)
+        from .reports import science_report_task
+        yield science_report_task(night, [f"science:{t}" for t in sorted(by_target)])
 
     # `doit list` does not create delayed tasks: name the targets known so far in the doc
     targets = known_targets(night)
