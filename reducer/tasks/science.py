@@ -99,6 +99,11 @@ def frame_tasks(night, sets, frame):
             "clean": True, "doc": f"{name} {frame.file}",
         })
         prev = out
+    # `reducer prune` removed this frame's intermediates: one task stands for the chain
+    from ..prune import pruned_chain_task, pruned_entry
+    entry = pruned_entry(night, frame.target, stem)
+    if entry is not None and entry.get("final") == prev.name and len(tasks) > 1:
+        return [pruned_chain_task(night, frame, tasks)], prev
     return tasks, prev
 
 
