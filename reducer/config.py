@@ -42,7 +42,8 @@ DEFAULTS: dict = {
     "profiles_dirs": [],
     "catalog": {"path": "", "ra_column": "ra", "dec_column": "dec", "mag_columns": {},
                 "gaia": False, "cache_dir": ""},
-    "mail": {"host": "", "port": 25, "from": "", "to": [], "starttls": False},
+    "mail": {"host": "", "port": 25, "from": "", "to": [], "starttls": False, "cafile": "",
+             "timeout": 30.0},
     "doit": {"num_process": 2, "threads": 1},
     "inventory": {"settle_seconds": 30.0},
     "combine": {"mem_limit_mb": 256},
@@ -55,7 +56,9 @@ SITE_SCHEMA = Table({
     "profiles_dirs": ListOf(str),
     "catalog": Table({"path": str, "ra_column": str, "dec_column": str,
                       "mag_columns": MapOf(str), "gaia": bool, "cache_dir": str}),
-    "mail": Table({"host": str, "port": int, "from": str, "to": ListOf(str), "starttls": bool}),
+    # user and password only from $REDUCER_SMTP_USER / $REDUCER_SMTP_PASSWORD (reducer.mail)
+    "mail": Table({"host": str, "port": int, "from": str, "to": ListOf(str), "starttls": bool,
+                   "cafile": str, "timeout": float}),
     "doit": Table({"num_process": int, "threads": int}),
     **{s: _STAGE_TABLE for s in STAGES},
 })

@@ -76,8 +76,11 @@ def stack_previews(summary, outdir: Path, problems: list) -> dict:
     """A zscale preview PNG per stack image: {stack name: Path}."""
     from astropy.io import fits
     from .plots import image_preview
+    from .report import stack_name, target_rows
     out = {}
-    for name, st in sorted(summary.stacks.items()):
+    order = [stack_name(r.target, r.filter) for r in target_rows(summary)]
+    for name in sorted(summary.stacks, key=lambda n: (order.index(n) if n in order else 999, n)):
+        st = summary.stacks[name]
         if not st.fits:
             continue
         try:
@@ -87,10 +90,15 @@ def stack_previews(summary, outdir: Path, problems: list) -> dict:
             problems.append(f"preview of {st.fits}: {exc}")
             continue
         obj = next((f.object for f in summary.frames if f.target == st.target), st.target)
+        marks = [st.xy] if st.xy and _finite(st.mag) else []
         out[name] = image_preview([data], outdir / f"stack_{_safe(name)}.png",
-                                  title=f"{obj} {st.filter}: {st.nframes} frames, {st.exptime_total:.0f} s",
-                                  method="zscale", unit="e-/s")
+                                  title=f"{obj} {st.filter}: {_frames(st.nframes)}, {st.exptime_total:.0f} s",
+                                  method="zscale", unit="e-/s", marks=marks)
     return out
+
+
+def _frames(n: int) -> str:
+    return f"{n} frame{'' if n == 1 else 's'}"
 
 
 def lightcurve_images(summary, outdir: Path) -> dict:
@@ -184,13 +192,16 @@ def format_final_text(report_text: str, frames: list, checks: list, timing, disk
     """``finalreport.txt``: report.txt, then frames, verification, timing and disk."""
     from .report import clean_text
     L = [report_text.rstrip(), "", "Frames"]
-    L += _text_table(
-        ["UT", "File", "Object", "Typ", "Filt", "Exp", "Airm", "FWHM", "Sky e/s", "ZP", "Lim5s", "Status"],
-        [[r["ut"], clean_text(r["file"], 32), clean_text(r["object"], 20), r["kind"],
-          clean_text(r["filter"], 6), r["exptime"], r["airmass"], r["fwhm"], r["sky"], r["zp"],
-          r["lim5"], r["status"] + (f": {clean_text(r['why'], 60)}" if r["why"] else "")]
-         for r in frames],
-        ["l", "l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "l"])
+    if not frames:
+        L.append("  (no science or standard frame)")
+    else:
+        L += _text_table(
+            ["UT", "File", "Object", "Typ", "Filt", "Exp", "Airm", "FWHM", "Sky e/s", "ZP", "Lim5s", "Status"],
+            [[r["ut"], clean_text(r["file"], 32), clean_text(r["object"], 20), r["kind"],
+              clean_text(r["filter"], 6), r["exptime"], r["airmass"], r["fwhm"], r["sky"], r["zp"],
+              r["lim5"], r["status"] + (f": {clean_text(r['why'], 60)}" if r["why"] else "")]
+             for r in frames],
+            ["l", "l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "l"])
     L += ["", "Masters: verification"]
     if checks:
         L += _text_table(["Master", "Check", "Value", "Threshold", "Result"],
@@ -323,10 +334,15 @@ def _zp_dict(z) -> dict:
 
 def _stack_caption(summary, name: str) -> str:
     st = summary.stacks[name]
-    obj = next((f.object for f in summary.frames if f.target == st.target), st.target)
-    mag = (f"target {st.mag:.3f} ± {st.mag_err:.3f}{'' if st.calibrated else ' (instrumental)'}"
-           if _finite(st.mag) else (st.reason or "no target magnitude"))
-    return f"{obj} {st.filter}: {st.nframes} frames, {st.exptime_total:.0f} s; {mag}"
+    fr = [f for f in summary.frames if f.target == st.target]
+    obj = fr[0].object if fr else st.target
+    if _finite(st.mag):
+        mag = f"; target (circled) {st.mag:.3f} ± {st.mag_err:.3f}{'' if st.calibrated else ' (instrumental)'}"
+    elif fr and fr[0].kind == "standard":
+        mag = ""            # a standard field has no target of its own
+    else:
+        mag = f"; {st.reason or 'no target magnitude'}"
+    return f"{obj} {st.filter}: {_frames(st.nframes)}, {st.exptime_total:.0f} s{mag}"
 
 
 def render_html(context: dict) -> str:
@@ -334,5 +350,5 @@ def render_html(context: dict) -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
     from .resources import templates_dir
     env = Environment(loader=FileSystemLoader(str(templates_dir())), undefined=StrictUndefined,
-                      autoescape=True)
+                      autoescape=True, keep_trailing_newline=True)
     return env.get_template("finalreport.html.j2").render(**context)

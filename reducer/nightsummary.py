@@ -250,6 +250,7 @@ class StackSummary:
     inputs: list = field(default_factory=list)
     left_out: list = field(default_factory=list)   # [(file, reason)]
     fits: str = ""            # relative path of the stack image, "" when none
+    xy: tuple = ()            # zero-based pixel position of the target in the stack
 
 
 @dataclass
@@ -470,6 +471,8 @@ def _stack_summaries(ndir: Path) -> dict:
         st.reason = str(d.get("reason", ""))
         st.inputs = list(d.get("inputs", []))
         st.left_out = [tuple(x) for x in d.get("left_out", [])]
+        if _finite(d.get("x")) and _finite(d.get("y")):
+            st.xy = (float(d["x"]), float(d["y"]))
         if p.with_suffix(".fits").is_file():
             st.fits = str(p.with_suffix(".fits").relative_to(ndir))
         out[p.stem] = st

@@ -90,6 +90,8 @@ def night_trends(frames, out: Path, *, title: str = "") -> Path | None:
             if bad:
                 ax.scatter([b[0] for b in bad], [b[1] for b in bad], marker="x", s=40, c="k",
                            linewidths=1.2)
+        _min_span(ax, MIN_SPAN.get(attr, 0.0))
+        if attr == "airmass":
             ax.invert_yaxis()
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -107,6 +109,17 @@ def night_trends(frames, out: Path, *, title: str = "") -> Path | None:
         fig.suptitle(title, y=0.995, fontsize=11)
     fig.tight_layout()
     return _save(fig, out)
+
+
+#: smallest y range of a trend panel, so that noise on a steady night does not look like drama
+MIN_SPAN = {"fwhm": 0.3, "zp": 0.1, "airmass": 0.1}
+
+
+def _min_span(ax, span: float) -> None:
+    lo, hi = ax.get_ylim()
+    if span and hi - lo < span:
+        mid = 0.5 * (lo + hi)
+        ax.set_ylim(mid - span / 2, mid + span / 2)
 
 
 def _downsample(img, max_px: int):
@@ -154,7 +167,7 @@ def stretch_limits(img, method: str = "percentile", lo: float = 1.0, hi: float =
 
 
 def image_preview(arrays, out: Path, *, title: str = "", method: str = "percentile",
-                  max_px: int = 500, unit: str = "", cmap: str = "gray") -> Path:
+                  max_px: int = 500, unit: str = "", cmap: str = "gray", marks=()) -> Path:
     """A thumbnail of one or more detector images (side by side) with a colour bar.
 
     Parameters
@@ -170,15 +183,27 @@ def image_preview(arrays, out: Path, *, title: str = "", method: str = "percenti
         Longest side of the preview after block averaging [px].
     unit : str
         Colour-bar label.
+    marks : sequence of (x, y)
+        Zero-based pixel positions (of the first array) to circle, e.g. the target.
+
+    Pixels without a value (off the detectors, between them) are shown light blue-grey.
     """
     plt = _pyplot()
-    img = _downsample(mosaic(arrays), max_px)
+    full = mosaic(arrays)
+    img = _downsample(full, max_px)
+    k = full.shape[1] / img.shape[1]
     vmin, vmax = stretch_limits(img, method)
     ny, nx = img.shape
     w = 5.6
     h = max(2.2, min(6.0, w * ny / nx * 0.85 + 0.7))
     fig, ax = plt.subplots(figsize=(w, h))
-    im = ax.imshow(img, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    cm = plt.get_cmap(cmap).with_extremes(bad="#c8d4e3")
+    im = ax.imshow(img, origin="lower", cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest")
+    for x, y in marks:
+        ax.scatter([(x + 0.5) / k - 0.5], [(y + 0.5) / k - 0.5], s=260, facecolors="none",
+                   edgecolors="#ff3b30", linewidths=1.4)
+    ax.set_xlim(-0.5, nx - 0.5)
+    ax.set_ylim(-0.5, ny - 0.5)
     ax.set_xticks([])
     ax.set_yticks([])
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)

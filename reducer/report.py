@@ -93,6 +93,8 @@ def target_rows(summary: NightSummary) -> list[TargetRow]:
             # a standard field has no target of its own: only say why nothing was stacked
             if not _finite(st.mag) and (row.kind == "sci" or not used):
                 row.note = st.reason or "no target magnitude"
+            elif _finite(st.mag_err) and st.mag_err > 1.0857 / 5:
+                row.note = f"target at {1.0857 / st.mag_err:.1f} sigma only (below 5 sigma)"
         elif used:
             row.note = "not stacked yet"
         if not used:
