@@ -44,12 +44,19 @@ DEFAULTS: dict = {
                 "gaia": False, "cache_dir": ""},
     "mail": {"host": "", "port": 25, "from": "", "to": [], "starttls": False, "cafile": "",
              "timeout": 30.0},
-    "doit": {"num_process": 2, "threads": 1},
+    "doit": {"num_process": 2, "threads": 1, "lock_wait": 0.0, "min_free_mb": 500.0,
+             "space_margin": 1.0, "progress_interval": 10.0},
     "inventory": {"settle_seconds": 30.0},
     "combine": {"mem_limit_mb": 256},
 }
 
 _STAGE_TABLE = MapOf(_ANY)
+
+#: [doit]: processes and threads; run lock wait [s] (reducer.runlock); free-space floor [MB]
+#: and margin on the estimate (reducer.diskspace); progress line interval [s] when stderr is
+#: not a terminal (reducer.progress)
+_DOIT_TABLE = Table({"num_process": int, "threads": int, "lock_wait": float,
+                     "min_free_mb": float, "space_margin": float, "progress_interval": float})
 
 SITE_SCHEMA = Table({
     "raw": str, "redux": str, "masters_store": str, "registry": str, "instrument": str,
@@ -59,7 +66,7 @@ SITE_SCHEMA = Table({
     # user and password only from $REDUCER_SMTP_USER / $REDUCER_SMTP_PASSWORD (reducer.mail)
     "mail": Table({"host": str, "port": int, "from": str, "to": ListOf(str), "starttls": bool,
                    "cafile": str, "timeout": float}),
-    "doit": Table({"num_process": int, "threads": int}),
+    "doit": _DOIT_TABLE,
     **{s: _STAGE_TABLE for s in STAGES},
 })
 
@@ -68,6 +75,7 @@ NIGHT_SCHEMA = Table({
                    required=("utdate",)),
     "drop": ListOf(str),
     "pin": MapOf(str),
+    "doit": _DOIT_TABLE,
     "targets": MapOf(Table({"ra": Either((float, str)), "dec": Either((float, str)),
                             "name": str})),
     "catalog": Table({"path": str, "ra_column": str, "dec_column": str,

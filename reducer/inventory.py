@@ -47,9 +47,9 @@ def is_candidate(path: Path) -> bool:
 def safe_name(text: str) -> str:
     """A target name safe for file names and doit task names.
 
-    Keeps letters, digits, ``+``, ``-``, ``.`` and ``_`` (ASCII), maps the rest to ``_``,
-    collapses repeats, never starts with ``.`` and never is empty. ``'M 81'`` -> ``'M_81'``;
-    ``'../etc'`` -> ``'etc'``.
+    Keeps ASCII letters, digits, ``+``, ``-`` and ``_`` (accented letters lose their accents),
+    maps the rest (``.``, ``/``, spaces, quotes, ``<>`` ...) to ``_``, collapses repeats, strips
+    ``_`` at both ends and never is empty. ``'M 81'`` -> ``'M_81'``; ``'../etc'`` -> ``'etc'``.
     """
     import unicodedata
     t = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
@@ -61,6 +61,39 @@ def safe_name(text: str) -> str:
         s = s.replace("__", "_")
     s = s.strip("_.")
     return s or "unnamed"
+
+
+#: names a target must not take: folders and files of the night directory
+RESERVED_NAMES = frozenset({"raw", "masters", "stacks", "lightcurves", "logs", "finalreport",
+                            "unnamed_frames", "dodo_py", "night_toml", "nightlog_ecsv",
+                            "report_txt", "finalreport_txt", "finalreport_html"})
+MAX_TARGET_LEN = 64
+
+
+def target_name(obj: str) -> str:
+    """The target name of an OBJECT value: its folder under the night directory and its doit
+    task name (``science:<name>``).
+
+    :func:`safe_name`, and besides: a name left empty by dropping non-ASCII characters gets a
+    short digest of the OBJECT (so two such targets stay apart), a name of one of the night
+    directory's own folders (``raw``, ``masters``, ``stacks`` ...; any case) gets
+    ``_target`` appended, and a name longer than 64 characters is cut with a digest.
+    ``'../../etc/passwd'`` -> ``'etc_passwd'``; ``'天体'`` -> ``'object_b696d980'``;
+    ``'raw'`` -> ``'raw_target'``.
+    """
+    import hashlib
+    obj = str(obj).strip()
+    if not obj:
+        return "unnamed"
+    digest = hashlib.sha1(obj.encode("utf-8")).hexdigest()[:8]
+    name = safe_name(obj)
+    if name == "unnamed" and obj.lower() != "unnamed":
+        return f"object_{digest}"
+    if len(name) > MAX_TARGET_LEN:
+        name = f"{name[:MAX_TARGET_LEN - 9]}_{digest}"
+    if name.lower() in RESERVED_NAMES:
+        name = f"{name}_target"
+    return name
 
 
 def normalise_object(obj: str) -> str:
@@ -235,7 +268,7 @@ def _fill(fr: Frame, raw: RawHeaders, profile: Profile, get, filename: str) -> N
     if typ in IGNORED_TYPES:
         fr.reason = f"ignored: a {typ} frame"
     if typ in ("science", "standard"):
-        fr.target = safe_name(fr.object) if fr.object else "unnamed"
+        fr.target = target_name(fr.object)
 
 
 def timezone_utc():

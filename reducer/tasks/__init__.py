@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..progress import ProgressReporter
+
 
 def doit_config(night) -> dict:
     """doit settings for every night: sqlite3 state, timestamps for file checks."""
@@ -22,7 +24,10 @@ def doit_config(night) -> dict:
         "continue": True,
         "num_process": int(d.get("num_process", 1)),
         "par_type": "process",
-        "verbosity": 2,
+        # task output is captured and shown by the reporter when each task ends (so the
+        # progress line stays whole); `doit -v 2` shows it live as well
+        "verbosity": 0,
+        "reporter": ProgressReporter,
     }
 
 
@@ -30,8 +35,9 @@ def night_tasks(dodo_file) -> dict:
     """``DOIT_CONFIG`` and the ``task_*`` generators of the night holding ``dodo_file``."""
     from ..night import Night
     import os
-    from . import calib, inventory, science
+    from . import calib, inventory, redo, reports, science
     night = Night(Path(dodo_file))
+    command = _guard_run(night)
     # each doit process uses this many threads (OpenMP in astroscrappy, BLAS): with
     # num_process workers on the machine's cores, more only makes them fight
     threads = str(night.settings.get("doit", {}).get("threads", 1))
@@ -41,4 +47,40 @@ def night_tasks(dodo_file) -> dict:
     out["task_inventory"] = inventory.make_task_generator(night)
     out["task_calib"] = calib.make_task_generator(night)
     out["task_science"] = science.make_task_generator(night)
+    out.update(reports.make_task_generators(night))
+    out["task_redo"] = redo.make_task_generator(
+        night, also=["report"] if "task_report" in out else [])
+    if command in ALL_TASKS_NOW:
+        # doit makes delayed tasks (create_after) only while running: without this, `doit
+        # info prepare:X`, `doit forget stack:T_r` or `doit clean science:T` would not find
+        # them; these commands run nothing, so the generators can run at once
+        for gen in out.values():
+            if callable(gen) and hasattr(gen, "doit_create_after"):
+                del gen.doit_create_after
     return out
+
+
+#: doit commands that name tasks without running them: every task is made when they load
+ALL_TASKS_NOW = frozenset({"info", "clean", "forget", "ignore", "reset-dep", "strace"})
+
+
+def _guard_run(night) -> str | None:
+    """Before the tasks of a doit command are made: tell the reporter the night, take the
+    run lock (commands that run or alter tasks: :mod:`reducer.runlock`), and check the free
+    space when the command builds things (:mod:`reducer.diskspace`). A refusal is one line
+    (doit prints ``ERROR: ...`` and exits with status 3). Returns the doit command."""
+    import sys
+    from doit.exceptions import InvalidDodoFile
+    from .. import progress, runlock
+    from ..diskspace import DiskFull, check_before_run
+    progress.bind(night.dir, night.utdate, night.settings)
+    command = runlock.doit_command(sys.argv)
+    try:
+        state = runlock.for_doit(night.dir, night.settings)
+        if state in ("acquired", "held") and runlock.builds(command):
+            warning = check_before_run(night)
+            if warning:
+                print(f"reducer: {warning}", file=sys.stderr, flush=True)
+    except (runlock.RunLocked, DiskFull) as exc:
+        raise InvalidDodoFile(str(exc)) from None
+    return command

@@ -158,17 +158,27 @@ def run_lightcurve(night_dir: str, paths: list, out: str) -> dict:
     """doit action: the light curve of one target and filter."""
     from ..night import Night
     from ..stack import build_lightcurve
+    from ..masters import write_sidecar
     night = Night(night_dir)
+    # the JSON is always written (its task's target): a light curve that cannot be made
+    # says why there, and is not tried again until its inputs or settings change
+    side = Path(out).with_suffix(".json")
     good, left = _usable_products(paths)
     if len(good) < 2:
         print(f"lightcurve {Path(out).stem}: fewer than 2 usable frames")
+        write_sidecar(side, {"reason": "fewer than 2 usable frames", "left_out": left})
         return {"digest": step_digest(night, "photometry")}
     try:
         r = build_lightcurve(night, good, Path(out), Path(out).with_suffix(".png"))
     except ValueError as exc:
         print(f"lightcurve {Path(out).stem}: {exc}")
+        for stale in (Path(out), Path(out).with_suffix(".png")):
+            if stale.exists():
+                stale.unlink()
+        write_sidecar(side, {"reason": str(exc), "left_out": left})
         return {"digest": step_digest(night, "photometry")}
     print(f"lightcurve {Path(out).stem}: {r['n']} points, {r['ncomp']} comparison stars")
+    write_sidecar(side, {"points": r["n"], "comparisons": r["ncomp"], "left_out": left})
     return {"digest": step_digest(night, "photometry")}
 
 
@@ -213,8 +223,10 @@ def make_task_generator(night):
                 lc = night.dir / "lightcurves" / f"{name}.ecsv"
                 yield {"basename": "lightcurve", "name": name, "file_dep": paths,
                        "actions": [(run_lightcurve, [str(night.dir), paths, str(lc)])],
-                       "targets": [str(lc), str(lc.with_suffix(".png"))],
-                       "uptodate": [DigestUnchanged(step_digest(night, "photometry"))], "clean": True,
+                       "targets": [str(lc.with_suffix(".json"))],
+                       "uptodate": [DigestUnchanged(step_digest(night, "photometry"))],
+                       "clean": [(remove_files, [[str(lc), str(lc.with_suffix(".png")),
+                                                   str(lc.with_suffix(".json"))]])],
                        "doc": f"light curve of {target} in {filt}"}
                 by_target[target].append(f"lightcurve:{name}")
         for target, deps in sorted(by_target.items()):
