@@ -407,12 +407,31 @@ def write_nightlog(frames, path: Path) -> bool:
     return True
 
 
+#: read_nightlog's last answer per file: (identity of the file, rows)
+_NIGHTLOGS: dict = {}
+
+
 def read_nightlog(path: Path) -> list[Frame]:
     """Read ``nightlog.ecsv`` back into :class:`Frame` rows.
 
     ECSV is a space-delimited CSV under a ``#`` YAML header; it is parsed here with the
-    standard library (no astropy import), so making a night's tasks stays fast.
+    standard library (no astropy import), so making a night's tasks stays fast. The rows
+    are kept while the file stays the same (inode, size, times: :func:`write_nightlog`
+    replaces it atomically), since several task generators ask in one doit run; the
+    :class:`Frame` objects are then shared, so callers must not modify them.
     """
+    import os
+    st = os.stat(path)
+    ident = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    hit = _NIGHTLOGS.get(str(path))
+    if hit is not None and hit[0] == ident:
+        return list(hit[1])
+    rows = _parse_nightlog(path)
+    _NIGHTLOGS[str(path)] = (ident, tuple(rows))
+    return rows
+
+
+def _parse_nightlog(path: Path) -> list[Frame]:
     import csv
     floats = {"exptime", "mjd", "airmass", "ra", "dec"}
     with open(path, newline="") as fh:

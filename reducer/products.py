@@ -15,9 +15,12 @@ Files carry CHECKSUM/DATASUM and are written atomically.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:          # numpy only where pixels are read or written: the task
+    import numpy as np     # generators import this module for the names
 
 #: chain steps in order, with their one-letter prefix and task basename
 STEPS = ("p", "f", "s", "z", "a", "t")
@@ -26,8 +29,11 @@ STEP_NAMES = {"p": "prepare", "f": "flatten", "s": "sky", "z": "cosmics", "a": "
 COMPRESSED = (".gz", ".fz", ".bz2", ".z", ".Z")
 
 
+@lru_cache(maxsize=4096)
 def raw_stem(filename: str) -> str:
-    """The stem of a raw file name: ``'r2701242.fit.gz'`` -> ``'r2701242'``."""
+    """The stem of a raw file name: ``'r2701242.fit.gz'`` -> ``'r2701242'``.
+
+    Cached: the task generators ask several times per frame at every doit start."""
     name = Path(filename).name
     for suf in COMPRESSED:
         if name.endswith(suf):
@@ -70,6 +76,7 @@ class Product:
 
 def read_product(path: Path) -> Product:
     """Read a product written by :func:`write_product`."""
+    import numpy as np
     from astropy.io import fits
     with fits.open(path, memmap=False) as h:
         prim = h[0].header.copy()
@@ -85,6 +92,7 @@ def read_product(path: Path) -> Product:
 
 def write_product(product: Product, path: Path) -> None:
     """Write a product atomically, with checksums."""
+    import numpy as np
     from astropy.io import fits
     from .fitsio import write_fits
     from .ops.bits import header_cards

@@ -78,6 +78,7 @@ __all__ = [
     "MasterRecord",
     "NearestMaster",
     "Registry",
+    "pick_nearest",
     "set_key_string",
     "parse_set_key",
     "compact_set_key",
@@ -677,6 +678,37 @@ class NearestMaster:
     checksum: str | None
 
 
+def pick_nearest(rows, mjd: float, *, max_age_days: float,
+                 earlier_only: bool = False) -> NearestMaster | None:
+    """The master among ``rows`` (:meth:`Registry.candidates`) nearest in time to ``mjd``.
+
+    A row qualifies when its validity range contains ``mjd`` (an empty bound is open) and
+    ``|mjd - mjd_mid| <= max_age_days`` (with ``earlier_only``, ``mjd_mid <= mjd``); the
+    smallest distance wins, at equal distance (within 1e-6 d) the earlier master, then
+    the lower id. ``None`` when no row qualifies. Times in MJD [d].
+    """
+    target = _opt_float("mjd", mjd)
+    if target is None:
+        raise InvalidValue("nearest() needs the time (mjd) of the data to calibrate")
+    max_age = _opt_float("max_age_days", max_age_days)
+    if max_age is None or max_age < 0:
+        raise InvalidValue(f"max_age_days {max_age_days!r} must be a non-negative number")
+    lo, hi = target - max_age, (target if earlier_only else target + max_age)
+    ok = [r for r in rows
+          if r.mjd_mid is not None and lo <= r.mjd_mid <= hi
+          and (r.valid_from_mjd is None or r.valid_from_mjd <= target)
+          and (r.valid_to_mjd is None or r.valid_to_mjd >= target)]
+    if not ok:
+        return None
+    best = min(abs(target - r.mjd_mid) for r in ok)
+    tied = [r for r in ok if abs(target - r.mjd_mid) <= best + _TIE_EPS_DAYS]
+    row = min(tied, key=lambda r: (r.mjd_mid, r.id))
+    return NearestMaster(
+        path=Path(row.path), night=row.night, age_days=target - row.mjd_mid,
+        id=int(row.id), checksum=row.checksum,
+    )
+
+
 # ------------------------------------------------------------------------ registry
 class Registry:
     """A calibration registry in an SQLite file or a PostgreSQL database.
@@ -1260,32 +1292,46 @@ class Registry:
         max_age = _opt_float("max_age_days", max_age_days)
         if max_age is None or max_age < 0:
             raise InvalidValue(f"max_age_days {max_age_days!r} must be a non-negative number")
+        rows = self.candidates(instrument, imtype, key, exclude_night=exclude_night)
+        return pick_nearest(rows, target, max_age_days=max_age, earlier_only=earlier_only)
+
+    def candidates(
+        self,
+        instrument: str,
+        imtype: str,
+        set_key: str | Mapping[str, Any],
+        *,
+        exclude_night: str | None = None,
+    ) -> tuple:
+        """Every certified, not bad master of a calibration set with a time (``mjd_mid``).
+
+        What :meth:`nearest` chooses from; :func:`pick_nearest` makes the choice for a
+        time. Reading them once and choosing for many frames is one query instead of one
+        per frame (task creation of a night that falls back on other nights' masters).
+
+        Returns
+        -------
+        tuple of rows
+            Each with ``id``, ``path``, ``night``, ``mjd_mid``, ``valid_from_mjd``,
+            ``valid_to_mjd`` and ``checksum``.
+        """
+        instrument = _check_instrument(instrument)
+        imtype = _check_imtype(imtype)
+        key = _canonical_set_key(set_key)
         c = masters.c
-        q = sa.select(c.id, c.path, c.night, c.mjd_mid, c.checksum).where(
+        q = sa.select(c.id, c.path, c.night, c.mjd_mid, c.valid_from_mjd, c.valid_to_mjd,
+                      c.checksum).where(
             c.instrument == instrument,
             c.imtype == imtype,
             c.set_key == key,
             c.certified == sa.true(),
             c.bad == sa.false(),
             c.mjd_mid.is_not(None),
-            c.mjd_mid >= target - max_age,
-            c.mjd_mid <= (target if earlier_only else target + max_age),
-            sa.or_(c.valid_from_mjd.is_(None), c.valid_from_mjd <= target),
-            sa.or_(c.valid_to_mjd.is_(None), c.valid_to_mjd >= target),
         )
         if exclude_night is not None:
             q = q.where(c.night != _check_night(exclude_night))
         with self._read() as conn:
-            rows = conn.execute(q).all()
-        if not rows:
-            return None
-        best = min(abs(target - r.mjd_mid) for r in rows)
-        tied = [r for r in rows if abs(target - r.mjd_mid) <= best + _TIE_EPS_DAYS]
-        row = min(tied, key=lambda r: (r.mjd_mid, r.id))
-        return NearestMaster(
-            path=Path(row.path), night=row.night, age_days=target - row.mjd_mid,
-            id=int(row.id), checksum=row.checksum,
-        )
+            return tuple(conn.execute(q).all())
 
     def verify(self, master_id: int) -> MasterRecord:
         """Check that a master's file exists and still has its registered checksum.

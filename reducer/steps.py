@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .products import Detector, Product, read_product, write_product
+# without numpy, for the task generators too (reducer.stepconfig)
+from .stepconfig import self_reference, step_digest  # noqa: F401
 
 
 class StepError(ValueError):
@@ -181,35 +183,6 @@ def run_flatten(night_dir: str, filename: str, src: str, out: str) -> bool:
     except (StepError, ValueError, OSError) as exc:
         return _fail(night, filename, "flatten", exc, out)
     return {"digest": step_digest(night, "flatten")}
-
-
-def step_digest(night, step: str) -> str:
-    """Digest of what a step's result depends on among the settings: its own table, and the
-    reference catalogue and quality limits for the a and t steps."""
-    if step in ("astrometry", "zeropoint"):
-        return night.digest(step, night.settings.get("catalog", {}), night.settings.get("limits", {}),
-                            night.settings.get("photometry", {}), night.settings.get("targets", {}),
-                            _catalog_stamp(night))
-    if step in ("stack", "photometry"):
-        return night.digest(step, night.settings.get("targets", {}), night.settings.get("catalog", {}),
-                            _catalog_stamp(night))
-    return night.digest(step)
-
-
-def _catalog_stamp(night) -> str:
-    """Size and modification time of the reference catalogue file: editing the catalogue
-    rebuilds the steps that use it."""
-    path = night.settings.get("catalog", {}).get("path")
-    if not path:
-        return ""
-    p = Path(path).expanduser()
-    if not p.is_absolute():
-        p = night.site.base / p
-    try:
-        st = p.stat()
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _transform(night_dir: str, filename: str, src: str, out: str, step: str, fn) -> dict | bool:

@@ -408,6 +408,31 @@ def test_nearest_never_mixes_set_keys_or_instruments(registry):
     assert registry.nearest("demo", "flat", {"filter": "r"}, 60105.0) is None
 
 
+@pytest.mark.parametrize("earlier_only", [False, True])
+@pytest.mark.parametrize("exclude_night", [None, "20230605"])
+@pytest.mark.parametrize("max_age", [3.0, 180.0])
+def test_candidates_read_once_choose_like_nearest(registry, earlier_only, exclude_night, max_age):
+    """The task generators read a set's candidates once and pick per frame: the same master
+    as one ``nearest`` query per frame, over ties, validity ranges, bad and other sets."""
+    cert(registry, 60100.0)
+    cert(registry, 60104.0)
+    cert(registry, 60104.0, night="20230609")           # tie in time: the lower id wins
+    cert(registry, 60090.0, valid_from_mjd=60085.0, valid_to_mjd=60101.5)
+    registry.mark_bad(cert(registry, 60102.0), "dust")
+    cert(registry, 60103.0, set_key=FLAT_G)
+    rows = registry.candidates("demo", "flat", FLAT_R, exclude_night=exclude_night)
+    assert {r.night for r in rows} >= {"20230609"}
+    assert all(r.night != exclude_night for r in rows)
+    for i in range(0, 400):
+        mjd = 60086.0 + i * 0.055
+        want = registry.nearest("demo", "flat", FLAT_R, mjd, max_age_days=max_age,
+                                earlier_only=earlier_only, exclude_night=exclude_night)
+        got = reg.pick_nearest(rows, mjd, max_age_days=max_age, earlier_only=earlier_only)
+        assert got == want, mjd
+    with pytest.raises(InvalidValue, match="max_age_days -2 must be a non-negative number"):
+        reg.pick_nearest(rows, 60100.0, max_age_days=-2)
+
+
 # -------------------------------------------------------------------- concurrency
 def _register_many(url: str, worker: int, barrier) -> None:
     """Child process: 25 masters of its own plus upserts of 5 shared keys."""

@@ -7,12 +7,13 @@ raw stem; ``science:<TARGET>`` depends on the last product of each of the target
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from doit import create_after
 
 from ..products import STEP_NAMES, chain, raw_stem
-from ..steps import step_digest
+from ..stepconfig import step_digest
 from .calib import (DigestUnchanged, _defects_inputs, _load_sets, choose, choose_flat,
                     defects_key, defects_path, dependency)
 
@@ -39,33 +40,67 @@ def frame_steps(night, sets, frame) -> list[str]:
     return steps
 
 
+def _task_digest(night, step: str) -> str:
+    """:func:`step_digest` once per step while one doit run makes its tasks (not per frame)."""
+    memo = night.__dict__.setdefault("_task_digests", {})
+    if step not in memo:
+        memo[step] = step_digest(night, step)
+    return memo[step]
+
+
 def product_path(night, frame, prefix: str) -> Path:
-    return night.dir / frame.target / f"{prefix}{raw_stem(frame.file)}.fits"
+    # one path parse, not three: ~3000 calls at every doit start (frame.target has no "/")
+    return Path(os.path.join(night.dir, frame.target, f"{prefix}{raw_stem(frame.file)}.fits"))
 
 
 def science_frames(frames):
     return [f for f in frames if f.usable and f.type in SCIENCE_TYPES]
 
 
-def _runners():
-    from .. import steps
-    return {"s": steps.run_sky, "z": steps.run_cosmics, "a": steps.run_astrometry,
-            "t": steps.run_zeropoint}
+# The chain's doit actions. The step functions are in reducer.steps (numpy, astropy): each
+# action imports it when it runs, so making the tasks at every doit start does not.
+def run_prepare(night_dir: str, filename: str, out: str):
+    """doit action: :func:`reducer.steps.run_prepare`."""
+    from ..steps import run_prepare as run
+    return run(night_dir, filename, out)
 
 
-class _Runners(dict):
-    def __missing__(self, key):
-        self.update(_runners())
-        return self[key]
+def run_flatten(night_dir: str, filename: str, src: str, out: str):
+    """doit action: :func:`reducer.steps.run_flatten`."""
+    from ..steps import run_flatten as run
+    return run(night_dir, filename, src, out)
 
 
-RUNNERS = _Runners()
+def run_sky(night_dir: str, filename: str, src: str, out: str):
+    """doit action: :func:`reducer.steps.run_sky`."""
+    from ..steps import run_sky as run
+    return run(night_dir, filename, src, out)
+
+
+def run_cosmics(night_dir: str, filename: str, src: str, out: str):
+    """doit action: :func:`reducer.steps.run_cosmics`."""
+    from ..steps import run_cosmics as run
+    return run(night_dir, filename, src, out)
+
+
+def run_astrometry(night_dir: str, filename: str, src: str, out: str):
+    """doit action: :func:`reducer.steps.run_astrometry`."""
+    from ..steps import run_astrometry as run
+    return run(night_dir, filename, src, out)
+
+
+def run_zeropoint(night_dir: str, filename: str, src: str, out: str):
+    """doit action: :func:`reducer.steps.run_zeropoint`."""
+    from ..steps import run_zeropoint as run
+    return run(night_dir, filename, src, out)
+
+
+RUNNERS = {"s": run_sky, "z": run_cosmics, "a": run_astrometry, "t": run_zeropoint}
 
 
 def frame_tasks(night, sets, frame):
     """The chain tasks of one frame, and the path of its last product."""
-    from ..masters import calib_settings, frame_key
-    from ..steps import run_flatten, run_prepare
+    from ..calsets import calib_settings, frame_key
     keys = calib_settings(night.settings)["set_keys"]
     stem = raw_stem(frame.file)
     steps = frame_steps(night, sets, frame)
@@ -95,7 +130,7 @@ def frame_tasks(night, sets, frame):
             action = (RUNNERS[step], [str(night.dir), frame.file, str(prev), str(out)])
         tasks.append({
             "basename": name, "name": stem, "actions": [action], "file_dep": deps,
-            "targets": [str(out)], "uptodate": [DigestUnchanged(step_digest(night, name))],
+            "targets": [str(out)], "uptodate": [DigestUnchanged(_task_digest(night, name))],
             "clean": True, "doc": f"{name} {frame.file}",
         })
         prev = out
