@@ -320,6 +320,7 @@ class NightSummary:
     lightcurves: list
     problems: list            # one-line notes (unreadable products ...)
     total_frames: int = 0
+    final_step: str = "t"     # the profile's last chain step (stacks follow only 't')
 
     def groups(self) -> list:
         """Frames by (target, filter), in order of first start time: [(key, [frames])]."""
@@ -463,7 +464,9 @@ def _stack_summaries(ndir: Path) -> dict:
         st = StackSummary(p.stem, str(d.get("target") or target), str(d.get("filter") or filt),
                           int(d.get("nframes", 0)), float(d.get("exptime_total", 0.0)))
         if "mag" in d:
-            st.mag, st.calibrated = float(d["mag"]), True
+            # "calibrated": False with "relative": True: scaled to the target's reference
+            # frame (no catalogue; reducer.fieldref)
+            st.mag, st.calibrated = float(d["mag"]), bool(d.get("calibrated", True))
         elif "mag_inst" in d:
             st.mag = float(d["mag_inst"])
         if "mag_err" in d:
@@ -565,7 +568,7 @@ def collect(night) -> NightSummary:
     uses = master_uses(summaries, masters, night.utdate)
     return NightSummary(night.utdate, profile.name, ndir, scale, summaries, _stack_summaries(ndir),
                         masters, uses, aside, ignored, _lightcurves(ndir), problems,
-                        total_frames=len(frames))
+                        total_frames=len(frames), final_step=final)
 
 
 def master_uses(frames, masters, utdate: str) -> list:

@@ -90,7 +90,9 @@ def night_trends(frames, out: Path, *, title: str = "") -> Path | None:
             if bad:
                 ax.scatter([b[0] for b in bad], [b[1] for b in bad], marker="x", s=40, c="k",
                            linewidths=1.2)
-        _min_span(ax, MIN_SPAN.get(attr, 0.0))
+        vals = [getattr(f, attr) for f, _ in pts if isinstance(getattr(f, attr), float)
+                and math.isfinite(getattr(f, attr))]
+        _set_range(ax, vals, MIN_SPAN.get(attr, 0.0), floor=1.0 if attr == "airmass" else None)
         if attr == "airmass":
             ax.invert_yaxis()
         ax.set_ylabel(label)
@@ -103,6 +105,12 @@ def night_trends(frames, out: Path, *, title: str = "") -> Path | None:
                 Line2D([], [], ls="", marker="x", color="k", label="failed")]
     axes[0].legend(handles=handles, ncol=min(len(handles), 8), fontsize=8, loc="lower left",
                    bbox_to_anchor=(0, 1.02), frameon=False)
+    times = [t for _, t in pts]
+    t0, t1 = min(times), max(times)
+    if (t1 - t0).total_seconds() < 3600:          # at least an hour shown: readable UT ticks
+        from datetime import timedelta
+        mid = t0 + (t1 - t0) / 2
+        axes[-1].set_xlim(mid - timedelta(minutes=30), mid + timedelta(minutes=30))
     axes[-1].xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
     axes[-1].set_xlabel("UT")
     if title:
@@ -115,11 +123,21 @@ def night_trends(frames, out: Path, *, title: str = "") -> Path | None:
 MIN_SPAN = {"fwhm": 0.3, "zp": 0.1, "airmass": 0.1}
 
 
-def _min_span(ax, span: float) -> None:
-    lo, hi = ax.get_ylim()
-    if span and hi - lo < span:
+def _set_range(ax, values, span: float, floor: float | None = None) -> None:
+    """y range of a panel: the values with a margin, at least ``span`` wide (or 10 % of the
+    value when ``span`` is 0), never below ``floor``."""
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    pad = 0.08 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    want = span or 0.1 * max(abs(hi), abs(lo), 1e-6)
+    if hi - lo < want:
         mid = 0.5 * (lo + hi)
-        ax.set_ylim(mid - span / 2, mid + span / 2)
+        lo, hi = mid - want / 2, mid + want / 2
+    if floor is not None and lo < floor:           # shift up, keeping the width
+        lo, hi = floor, hi + (floor - lo)
+    ax.set_ylim(lo, hi)
 
 
 def _downsample(img, max_px: int):

@@ -95,7 +95,7 @@ def target_rows(summary: NightSummary) -> list[TargetRow]:
                 row.note = st.reason or "no target magnitude"
             elif _finite(st.mag_err) and st.mag_err > 1.0857 / 5:
                 row.note = f"target at {1.0857 / st.mag_err:.1f} sigma only (below 5 sigma)"
-        elif used:
+        elif used and summary.final_step == "t":
             row.note = "not stacked yet"
         if not used:
             row.flag = "WAIT" if pending else "FAIL"
@@ -155,7 +155,7 @@ def failure_text(why: str) -> str:
     return f"{m.group(1)}: {m.group(2)}" if m else why
 
 
-ROW_HEADER = "{:8s}  {:20s} {:3s} {:6s} {:>8s} {:>7s} {:>11s} {:>5s} {:>8s} {:>6s} {:>6s} {:>7s}  {:>5s}  Flag".format(
+ROW_HEADER = "{:8s}  {:20s} {:3s} {:8s} {:>8s} {:>7s} {:>11s} {:>5s} {:>8s} {:>6s} {:>6s} {:>7s}  {:>5s}  Flag".format(
     "UT start", "Object", "Typ", "Filt", "Used/Rej", "Exp(s)", "Airmass", 'FWHM"', "Sky e/s", "ZP",
     "Lim5s", "Mag", "±")
 
@@ -165,7 +165,7 @@ def format_row(r: TargetRow) -> str:
     mag = _f(r.mag, ".3f", 7) + ("i" if _finite(r.mag) and not r.calibrated else " ")
     used = f"{r.n_used}/{r.n_rejected}".rjust(8)
     return (f"{r.ut_start[:8]:8s}  {clean_text(r.object, 20):20s} {r.kind:3s} "
-            f"{clean_text(r.filter, 6):6s} {used} {_f(r.exptime, '.1f', 7)} {am} "
+            f"{clean_text(r.filter, 8):8s} {used} {_f(r.exptime, '.1f', 7)} {am} "
             f"{_f(r.fwhm, '.2f', 5)} {_f(r.sky_rate, '.2f', 8)} {_f(r.zp, '.3f', 6)} "
             f"{_f(r.lim5, '.2f', 6)} {mag} {_f(r.mag_err, '.3f', 5)}  {r.flag}")
 
@@ -206,7 +206,7 @@ def format_report(summary: NightSummary, *, written: str = "", version: str = ""
     if notes:
         L.append("")
         for r, note in notes:
-            L.append(f"  {clean_text(r.object, 30)} {clean_text(r.filter, 6)}: {clean_text(note, 90)}")
+            L.append(f"  {clean_text(r.object, 30)} {clean_text(r.filter, 8)}: {clean_text(note, 90)}")
     # zero points
     L.append("")
     L.append("Zero points by filter (median, scatter, frames): standards beside science frames")
@@ -214,7 +214,7 @@ def format_report(summary: NightSummary, *, written: str = "", version: str = ""
     if not zrows:
         L.append("  (no calibrated frame)")
     else:
-        L.append(f"  {'Filt':6s} {'Standards':>24s} {'Science':>24s} {'Std-Sci':>8s}")
+        L.append(f"  {'Filt':8s} {'Standards':>24s} {'Science':>24s} {'Std-Sci':>8s}")
 
         def cell(d):
             if d is None:
@@ -222,7 +222,7 @@ def format_report(summary: NightSummary, *, written: str = "", version: str = ""
             return f"{d['zp']:.3f} ±{_f(d['scatter'], '.3f', 5).strip()} ({d['n']})".rjust(24)
         for z in zrows:
             diff = (z["standard"]["zp"] - z["science"]["zp"]) if z["standard"] and z["science"] else math.nan
-            L.append(f"  {clean_text(z['filter'], 6):6s} {cell(z['standard'])} {cell(z['science'])} "
+            L.append(f"  {clean_text(z['filter'], 8):8s} {cell(z['standard'])} {cell(z['science'])} "
                      f"{_f(diff, '+.3f', 8)}")
     # calibrations
     L.append("")
@@ -248,7 +248,8 @@ def format_report(summary: NightSummary, *, written: str = "", version: str = ""
                 state = "verification PASS"
             else:
                 state = f"verification FAIL: {', '.join(m.failed)}"
-            L.append(f"  {m.imtype:5s} {clean_text(m.name, 44):44s} {m.nframes:3d} frames  {state}")
+            L.append(f"  {m.imtype:5s} {clean_text(m.name, 44):44s} {m.nframes:3d} frame"
+                     f"{' ' if m.nframes == 1 else 's'}  {state}")
     # frames set aside, failed, rejected, pending
     L.append("")
     L.append(f"Frames set aside ({len(summary.set_aside)})")
@@ -262,17 +263,17 @@ def format_report(summary: NightSummary, *, written: str = "", version: str = ""
     pending = [f for f in summary.frames if f.status == "pending"]
     L.append(f"Frames failed ({len(failed)})")
     for f in failed:
-        L.append(f"  {clean_text(f.file, 32):32s} {clean_text(f.object, 16):16s} {clean_text(f.filter, 6):6s} "
+        L.append(f"  {clean_text(f.file, 32):32s} {clean_text(f.object, 16):16s} {clean_text(f.filter, 8):8s} "
                  f"{clean_text(failure_text(f.why), 100)}")
     L.append(f"Frames rejected by the quality limits ({len(rejected)})")
     for f in rejected:
-        L.append(f"  {clean_text(f.file, 32):32s} {clean_text(f.object, 16):16s} {clean_text(f.filter, 6):6s} "
+        L.append(f"  {clean_text(f.file, 32):32s} {clean_text(f.object, 16):16s} {clean_text(f.filter, 8):8s} "
                  f"{clean_text(f.why, 100)}")
     if pending:
         L.append(f"Frames not yet through the chain ({len(pending)})")
         for f in pending:
             L.append(f"  {clean_text(f.file, 32):32s} {clean_text(f.object, 16):16s} "
-                     f"{clean_text(f.filter, 6):6s} {clean_text(f.why or 'no product yet', 80)}")
+                     f"{clean_text(f.filter, 8):8s} {clean_text(f.why or 'no product yet', 80)}")
     for p in summary.problems:
         L.append(f"  note: {clean_text(p, 120)}")
     L.append("")

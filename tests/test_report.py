@@ -216,3 +216,67 @@ def test_report_of_a_night_without_products(tmp_path):
     path, text = write_report(Night(nd))
     assert path == nd / "report.txt" and path.read_text() == text
     assert "(no science or standard frames yet)" in text and "Frames failed (0)" in text
+
+
+@pytest.mark.parametrize("name,cards,status,why", [
+    ("tazsfpx.fits", {"QUALFLAG": True, "FWHM": 1.2, "PHOTZP": 25.0}, "ok", ""),
+    ("tazsfpx.fits", {"QUALFLAG": False, "QUALWHY": "FWHM 2.50\" above 2.0\""}, "rejected",
+     "FWHM 2.50\" above 2.0\""),
+    ("tazsfpx.fits", {"FAILED": True, "FAILSTEP": "zeropoint",
+                      "FAILWHY": "failed earlier at astrometry: CCD1: only 3 stars detected"},
+     "failed", "zeropoint: failed earlier at astrometry: CCD1: only 3 stars detected"),
+    ("zsfpx.fits", {"SKYLEVEL": 100.0}, "pending", "last product so far: zsfpx.fits"),
+])
+def test_frame_status_from_the_last_product(tmp_path, name, cards, status, why):
+    """How a frame's last product (a real FITS file) classifies it."""
+    from astropy.io import fits
+    from reducer.inventory import Frame
+    from reducer.nightsummary import frame_summary
+    from reducer.report import failure_text
+    h = fits.Header()
+    for k, v in cards.items():
+        h[k] = v
+    h["EXPTIME"] = 60.0
+    p = tmp_path / name
+    fits.PrimaryHDU(header=h).writeto(p)
+    fr = Frame("x.fits", "science", object="X", target="X", filter="r", exptime=60.0,
+               date_obs="2026-11-20T03:00:00.000", mjd=61364.125, airmass=1.2)
+    s, problem = frame_summary(fr, p, f"X/{name}", 0.6, "t")
+    assert (s.status, s.why, problem) == (status, why, "")
+    if status == "failed":
+        assert failure_text(s.why) == "astrometry: CCD1: only 3 stars detected"
+    if status == "ok":
+        assert s.fwhm == 1.2 and s.zp == 25.0 and s.ut == "03:00:00"
+
+
+def test_unreadable_product_is_a_failure_with_its_reason(tmp_path):
+    from reducer.inventory import Frame
+    from reducer.nightsummary import frame_summary
+    p = tmp_path / "tazsfpx.fits"
+    p.write_bytes(b"SIMPLE  =                    T" + b" " * 50)      # no END card, cut short
+    fr = Frame("x.fits", "science", object="X", target="X", filter="r", exptime=60.0)
+    s, problem = frame_summary(fr, p, "X/tazsfpx.fits", 0.6, "t")
+    assert s.status == "failed" and "FITS header ends before its END card" in s.why
+    assert str(p) in problem
+
+
+def test_header_reader_agrees_with_astropy(tmp_path):
+    """The standard-library header reader gives astropy's values (strings with quotes,
+    long strings continued, booleans, numbers, 'nan' text)."""
+    from astropy.io import fits
+    from reducer.nightsummary import read_primary_header
+    h = fits.Header()
+    h["OBJECT"] = "M<b>&\"'x o'clock"
+    h["LONGSTR"] = "a reason that is much longer than sixty-eight characters, " * 2
+    h["QUALFLAG"] = False
+    h["FAILED"] = True
+    h["NSTAR"] = 12
+    h["PHOTZP"] = 24.9695
+    h["FWHM"] = "nan"
+    h["COMMENT"] = "not a value"
+    p = tmp_path / "h.fits"
+    fits.PrimaryHDU(header=h).writeto(p)
+    got = read_primary_header(p)
+    for k in ("OBJECT", "LONGSTR", "QUALFLAG", "FAILED", "NSTAR", "PHOTZP", "FWHM"):
+        assert got[k] == fits.getheader(p)[k], k
+    assert "COMMENT" not in got
