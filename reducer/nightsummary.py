@@ -45,8 +45,6 @@ from pathlib import Path
 
 #: chain steps in order (one letter each; a product's prefix is the reversed letters applied)
 _STEPS = "pfszat"
-#: folders of a night directory that are not targets
-NOT_TARGETS = ("masters", "stacks", "lightcurves", "logs", "finalreport", "raw")
 #: optimal aperture radius for a background-limited Gaussian source, in FWHM
 APERTURE_FWHM = 0.6731
 #: fraction of a Gaussian's flux inside that radius

@@ -193,8 +193,17 @@ def test_report_is_up_to_date_until_something_changes(night):
     run_doit(nd, "report")
     assert rep.is_file()
     before = rep.stat().st_mtime_ns
+    # a product rewritten (as reducer writes every product: atomically, by renaming)
+    from reducer.fitsio import atomic_write_bytes
     time.sleep(0.02)
-    next((nd / "FIELD-A").glob("taz*.fits")).touch()
+    p = next((nd / "FIELD-A").glob("taz*.fits"))
+    atomic_write_bytes(p, p.read_bytes())
+    run_doit(nd, "report")
+    assert rep.stat().st_mtime_ns > before
+    before = rep.stat().st_mtime_ns
+    time.sleep(0.02)
+    nt = nd / "night.toml"
+    nt.write_text(nt.read_text() + "\n")          # an edited night.toml
     run_doit(nd, "report")
     assert rep.stat().st_mtime_ns > before
 
