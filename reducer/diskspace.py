@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 PRODUCT_BPP = 10.0       # [byte/px] data f4 + unc f4 + mask u2
 SKY_BPP = 4.0            # [byte/px] the sky model kept in the s product

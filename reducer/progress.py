@@ -124,6 +124,7 @@ class RunLog:
 
     def close(self) -> None:
         self.fh.close()
+        self._latest()          # again: a nested run (doit redo) pointed it to its own log
         if self.copy_latest:
             import shutil
             from .fitsio import atomic_write_bytes

@@ -77,7 +77,7 @@ def _guard_run(night) -> str | None:
     command = runlock.doit_command(sys.argv)
     try:
         state = runlock.for_doit(night.dir, night.settings)
-        if state in ("acquired", "held") and runlock.builds(command):
+        if state is not None and runlock.builds(command):
             warning = check_before_run(night)
             if warning:
                 print(f"reducer: {warning}", file=sys.stderr, flush=True)

@@ -4,9 +4,9 @@ The action removes the target's products from the night directory (its folder
 ``<night>/<TARGET>/`` with every prefix, failure records, field references and the prune
 manifest ``.pruned.json``; ``stacks/<TARGET>_<filter>.*``; ``lightcurves/<TARGET>_<filter>.*``)
 and then runs ``python -m doit science:TARGET`` in a subprocess in the night directory, then
-``python -m doit report`` when the night has that task. Products missing from disk are what makes doit rebuild
-them, so nothing has to be forgotten in doit's database: the nested run records the new
-state itself, and the outer run writes only its own ``redo`` entry when it ends (doit's
+``python -m doit report`` when the night has that task. Products missing from disk are what
+makes doit rebuild them, so nothing has to be forgotten in doit's database: the nested run
+records the new state itself, and the outer run writes only its own ``redo`` entry when it ends (doit's
 sqlite3 backend keeps what a run changes in memory and commits once, at the end). The
 nested run is let through the night's run lock by ``REDUCER_RUNLOCK_HELD``
 (:mod:`reducer.runlock`); two ``redo`` actions of one run (``doit -n 2 redo:A redo:B``)
