@@ -250,7 +250,7 @@ def _install(probe: Probe, catalog):
     from reducer.ops import astrometry, cosmics, photometry, sky
 
     # the a and t steps' catalogue: the cone of the in-memory table (no file read)
-    def reference_catalog(night, ra, dec, radius_deg):
+    def reference_catalog(night, ra, dec, radius_deg, **kw):
         return catalogs.cone(catalog, ra, dec, radius_deg)
 
     probe.undo.append((steps, "reference_catalog", steps.reference_catalog))

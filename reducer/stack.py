@@ -153,7 +153,7 @@ def stack_catalogue(data, unc, mask, wcs, zp, pixel_scale: float):
     tab = aperture_photometry(img, unc, mask, xy, r_ap=r, r_in=big + 3, r_out=big + 10, bkg_stat="mean")
     from .ops.photometry import aperture_correction
     apc, apc_err, napc = aperture_correction(img, unc, mask, xy, r_ap=r, r_big=big,
-                                             r_in=big + 3, r_out=big + 10)
+                                             r_in=big + 3, r_out=big + 10, small=tab)
     tab["flux"] = np.asarray(tab["flux"]) * apc            # total flux (e-/s)
     tab["flux_err"] = np.asarray(tab["flux_err"]) * apc
     ra, dec = wcs.pixel_to_world_values(tab["x"], tab["y"]) if len(tab) else ([], [])
@@ -249,7 +249,7 @@ def build_lightcurve(night, paths, out_ecsv: Path, out_png: Path) -> dict:
                                       r_out=2 * r + 10, bkg_stat="mean")
             from .ops.photometry import aperture_correction
             apc, _, _ = aperture_correction(d.data, d.unc, keep, xy, r_ap=r, r_big=2 * r,
-                                            r_in=2 * r + 3, r_out=2 * r + 10)
+                                            r_in=2 * r + 3, r_out=2 * r + 10, small=tab)
             flux[i, inside] = np.asarray(tab["flux"]) * apc / t      # total e-/s
             err[i, inside] = np.asarray(tab["flux_err"]) * apc / t
             flags[i, inside] = np.asarray(tab["flags"])

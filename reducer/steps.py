@@ -325,8 +325,11 @@ def _astrometry(night, prod: Product) -> Product:
                            crpix=focal_crpix(night.profile, name, shapes))
         sat = d.header.get("SATURATE")          # e- (the p step converts it)
         from .ops.bits import UNUSABLE
+        # after the s step (SKYLEVEL recorded) the sky is already subtracted: no second
+        # background map (saturated pixels are in the mask)
         stars = detect_stars(d.data, d.mask & UNUSABLE, fwhm_px=float(opts.get("fwhm_px", 3.0)),
-                             saturation=float(sat) if sat else None)
+                             saturation=float(sat) if sat else None,
+                             sky_subtracted="SKYLEVEL" in d.header)
         res = match_and_fit(stars, cat["ra"], cat["dec"], wcs0, shape=d.data.shape,
                             sip_degree=opts.get("sip_degree"), cat_mag=_brightness(night, cat, prod))
         if not res.ok:
@@ -408,7 +411,7 @@ def _zeropoint(night, prod: Product) -> Product:
                                   bkg_stat="mean")
         # the zero point refers to total flux: aperture fluxes times the aperture correction
         apc, _, _ = aperture_correction(d.data, d.unc, pmask, xy, r_ap=r, r_big=big,
-                                        r_in=big + 3, r_out=big + 10)
+                                        r_in=big + 3, r_out=big + 10, small=tab)
         good = (tab["flags"] == 0) & (tab["flux"] > 0)
         m, e = instrumental_mag(np.asarray(tab["flux"]) * apc, np.asarray(tab["flux_err"]) * apc,
                                 exptime)

@@ -155,3 +155,69 @@ def test_sky_and_cosmics_against_truth(night):
     # above 5 sigma here (it misses faint pixels at the edges of tracks): hold that level
     assert found / total >= 0.75, (found, total)
     assert star_flag / star_pix < 1e-3, (star_flag, star_pix)
+
+
+# --------------------------------------------------------------------------- fast paths
+# The chain's speed-ups (bench/chain.py) replace library calls by cheaper exact
+# equivalents: each is checked against the call it replaces.
+
+@pytest.mark.parametrize("density,radius", [(1e-5, 8.0), (1e-3, 5), (0.05, 5), (0.3, 2.5)])
+def test_dilate_disc_is_binary_dilation_and_edt(density, radius):
+    from scipy.ndimage import binary_dilation, distance_transform_edt
+    from reducer.ops.morphology import dilate_disc, disc_offsets
+    m = np.random.default_rng(4).random((300, 200)) < density
+    m[0, 0] = m[-1, 5] = True                       # set pixels on the borders
+    got = dilate_disc(m, radius)
+    assert np.array_equal(got, distance_transform_edt(~m) <= radius)
+    r = int(radius)
+    disc = np.zeros((2 * r + 1, 2 * r + 1), bool)
+    dy, dx = disc_offsets(radius)
+    disc[dy + r, dx + r] = True
+    assert np.array_equal(got, binary_dilation(m, structure=disc))
+    with pytest.raises(ValueError, match="radius must be >= 0"):
+        dilate_disc(m, -1)
+
+
+def test_sky_source_pixels_are_detect_sources():
+    from photutils.segmentation import detect_sources
+    from reducer.ops.sky import _source_pixels
+    rng = np.random.default_rng(8)
+    img = rng.normal(0, 1, (400, 300)).astype(np.float32)
+    img[100:104, 50:53] += 8.0
+    thr = np.full(img.shape, 2.0, np.float32)
+    thr[:, 150:] = 2.5                               # a threshold map
+    bad = rng.random(img.shape) < 0.01
+    for npix in (1, 5, 12):
+        seg = detect_sources(img, thr, npix, mask=bad)
+        assert np.array_equal(_source_pixels(img, thr, npix, bad), np.asarray(seg.data) > 0)
+
+
+def test_local_hole_filling_matches_the_growing_box():
+    from reducer.ops.cosmics import _fill_from_neighbours, _fill_growing
+    rng = np.random.default_rng(2)
+    img = rng.normal(100, 5, (200, 150))
+    holes = rng.random(img.shape) < 0.02
+    holes[50:60, 40:52] = True                       # a block: its centre has no 5x5 neighbour
+    holes[0, :3] = holes[-1, -1] = True              # borders (reflected)
+    default = np.full(img.shape, -1.0)
+    got = _fill_from_neighbours(img, holes, default)
+    assert np.allclose(got, _fill_growing(img, holes, default), rtol=1e-12)
+    assert np.all(got > 50)                          # every hole filled from real pixels
+
+
+def test_detect_stars_on_sky_subtracted_data():
+    """With sky_subtracted the detection needs no background map and finds the same stars."""
+    from reducer.ops.astrometry import detect_stars
+    from reducer.testing import _render_stars
+    rng = np.random.default_rng(6)
+    ny, nx = 600, 500
+    xs, ys = rng.uniform(20, nx - 20, 80), rng.uniform(20, ny - 20, 80)
+    stars = _render_stars(ny, nx, xs, ys, 10 ** rng.uniform(3.5, 5, xs.size), 3.0, 3.0)
+    img = rng.poisson(stars + 900.0).astype(float) - 900.0
+    a = detect_stars(img, None, fwhm_px=3.0)
+    b = detect_stars(img, None, fwhm_px=3.0, sky_subtracted=True)
+    assert len(b) >= 60 and abs(len(a) - len(b)) <= 2
+    assert b.meta["bkg_rms"] == pytest.approx(30.0, rel=0.05)
+    from scipy.spatial import cKDTree
+    d, _ = cKDTree(np.c_[a["x"], a["y"]]).query(np.c_[b["x"], b["y"]])
+    assert np.median(d) < 0.01
