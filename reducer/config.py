@@ -41,7 +41,7 @@ DEFAULTS: dict = {
     "instrument": "",
     "profiles_dirs": [],
     "catalog": {"path": "", "ra_column": "ra", "dec_column": "dec", "mag_columns": {},
-                "gaia": False, "cache_dir": ""},
+                "gaia": False, "cache_dir": "", "self_reference": True},
     "mail": {"host": "", "port": 25, "from": "", "to": [], "starttls": False, "cafile": "",
              "timeout": 30.0},
     "doit": {"num_process": 2, "threads": 1, "lock_wait": 0.0, "min_free_mb": 500.0,
@@ -62,7 +62,8 @@ SITE_SCHEMA = Table({
     "raw": str, "redux": str, "masters_store": str, "registry": str, "instrument": str,
     "profiles_dirs": ListOf(str),
     "catalog": Table({"path": str, "ra_column": str, "dec_column": str,
-                      "mag_columns": MapOf(str), "gaia": bool, "cache_dir": str}),
+                      "mag_columns": MapOf(str), "gaia": bool, "cache_dir": str,
+                      "self_reference": bool}),
     # user and password only from $REDUCER_SMTP_USER / $REDUCER_SMTP_PASSWORD (reducer.mail)
     "mail": Table({"host": str, "port": int, "from": str, "to": ListOf(str), "starttls": bool,
                    "cafile": str, "timeout": float}),
@@ -79,7 +80,8 @@ NIGHT_SCHEMA = Table({
     "targets": MapOf(Table({"ra": Either((float, str)), "dec": Either((float, str)),
                             "name": str})),
     "catalog": Table({"path": str, "ra_column": str, "dec_column": str,
-                      "mag_columns": MapOf(str), "gaia": bool, "cache_dir": str}),
+                      "mag_columns": MapOf(str), "gaia": bool, "cache_dir": str,
+                      "self_reference": bool}),
     **{s: _STAGE_TABLE for s in STAGES},
 })
 

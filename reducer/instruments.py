@@ -67,6 +67,9 @@ PROFILE_SCHEMA = Table({
     "overscan": Table({"axis": OneOf(("columns", "rows")),
                        "method": OneOf(("median", "mean", "clipped_mean")),
                        "fit": str, "smooth_rows": int}),
+    # OBJECT -> target name: a regular expression whose group "target" is the name
+    # (CAHA writes the filter into OBJECT: "NCG2420 B" -> "NCG2420")
+    "targets": Table({"object_pattern": str}),
     "wcs": Table({"pixel_scale": float, "rotation": float, "flip_x": bool,
                   "offsets": MapOf(ListOf(float))}),
     "calib": Table({

@@ -268,7 +268,19 @@ def _fill(fr: Frame, raw: RawHeaders, profile: Profile, get, filename: str) -> N
     if typ in IGNORED_TYPES:
         fr.reason = f"ignored: a {typ} frame"
     if typ in ("science", "standard"):
-        fr.target = target_name(fr.object)
+        fr.target = target_name(object_target(profile, fr.object))
+
+
+def object_target(profile, obj: str) -> str:
+    """The target part of an OBJECT value by the profile's ``[targets] object_pattern``
+    (a regular expression with a group named ``target``); the whole value otherwise."""
+    import re
+    pat = profile.table("targets").get("object_pattern") if hasattr(profile, "table") else None
+    if pat:
+        m = re.fullmatch(pat, obj.strip())
+        if m and m.groupdict().get("target"):
+            return m.group("target")
+    return obj
 
 
 def timezone_utc():

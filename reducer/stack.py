@@ -101,8 +101,13 @@ def build_stack(night, paths, out: Path) -> dict:
                        "[d] last frame end")
     prim["BUNIT"] = "electron/s"
     prim["PHOTCAL"] = (calibrated, "frames calibrated against the catalogue")
-    if calibrated:
+    # no catalogue: frames scaled to the target's reference frame (reducer.fieldref) give
+    # relative magnitudes on the same PHOTZP, never called calibrated
+    relative = not calibrated and all(pr.header.get("PHOTREL", False) for pr in prods)
+    if calibrated or relative:
         prim["PHOTZP"] = (zref, "[mag] m = -2.5 log10(flux [e-/s]) + PHOTZP")
+    if relative:
+        prim["PHOTREL"] = (True, "PHOTZP relative to the reference frame: uncalibrated")
     add_provenance(prim, inputs=[(Path(p).name, "") for p in paths], digest=night.digest("stack"),
                    step="stack")
     hdus = [fits.PrimaryHDU(header=prim)]
@@ -124,6 +129,7 @@ def build_stack(night, paths, out: Path) -> dict:
     tgt = target_photometry(data, unc, phot_mask, wcs_out, ra, dec, cat.meta.get("fwhm_px", 3.0),
                             prim.get("PHOTZP"), cat.meta.get("aperture_correction", 1.0))
     tgt.update({"target": h0.get("TARGET", ""), "filter": h0.get("FILTER", ""),
+                "calibrated": bool(calibrated), "relative": bool(relative),
                 "nframes": len(prods), "exptime_total": float(sum(exptimes)),
                 "inputs": [Path(p).name for p in paths]})
     atomic_write_text(out.with_suffix(".json"), json.dumps(tgt, indent=2, default=float))
@@ -216,7 +222,8 @@ def build_lightcurve(night, paths, out_ecsv: Path, out_png: Path) -> dict:
     from .steps import reference_catalog
     scale = float(night.profile.table("wcs").get("pixel_scale", 1.0))
     shape0 = next(iter(prods[0].detectors.values())).data.shape
-    cat = reference_catalog(night, ra, dec, radius_deg=1.2 * max(shape0) * scale / 3600.0)
+    cat = reference_catalog(night, ra, dec, radius_deg=1.2 * max(shape0) * scale / 3600.0,
+                            target=prods[0].header.get("TARGET"))
     sky = np.column_stack([[ra, *np.asarray(cat["ra"])], [dec, *np.asarray(cat["dec"])]])
     nstar = len(sky)
     flux = np.full((len(prods), nstar), np.nan)

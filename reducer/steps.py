@@ -10,6 +10,7 @@ reports give the reason, while the rest of the night finishes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -273,8 +274,10 @@ def focal_crpix(profile, det_name: str, shapes: dict) -> tuple[float, float] | N
     return cx - ox + 1.0, cy - oy + 1.0
 
 
-def reference_catalog(night, ra: float, dec: float, radius_deg: float):
-    """The reference catalogue around a field: the configured file, or Gaia DR3 (cached).
+def reference_catalog(night, ra: float, dec: float, radius_deg: float, *,
+                      target: str | None = None, filt: str | None = None):
+    """The reference catalogue around a field: the configured file, or Gaia DR3 (cached),
+    or else the target's own field reference (:mod:`reducer.fieldref`).
 
     Raises
     ------
@@ -296,26 +299,64 @@ def reference_catalog(night, ra: float, dec: float, radius_deg: float):
             return gaia_cone(ra, dec, radius_deg, cache_dir=cache)
     except (CatalogError, CatalogUnavailable, OSError) as exc:
         raise StepError(str(exc)) from None
+    if self_reference(night) and target:
+        return field_reference(night, target, filt)
     raise StepError("no reference catalogue: set [catalog] path (or gaia = true) in reducer.toml "
                     "or night.toml")
+
+
+def field_reference(night, target: str, filt: str | None = None):
+    """The target's field reference as a catalogue; with ``filt``, its stars' relative
+    magnitudes (``mag_ref`` of the filter's reference frame + ``zp_reference``) as the filter's
+    magnitude column, so the t step fits a relative zero point (``meta['selfref']``)."""
+    from astropy.table import Table
+    from .fieldref import fieldref_path, relref_path
+    path = fieldref_path(night.dir, target)
+    if not path.is_file():
+        raise StepError(f"no field reference {path.name} for {target} (no catalogue configured)")
+    tab = Table.read(path, format="ascii.ecsv")
+    if len(tab) == 0:
+        raise StepError(tab.meta.get("reason", "empty field reference"))
+    col = catalog_mag_column(night, filt) if filt else None
+    rel = relref_path(night.dir, target, filt) if filt else None
+    if rel is not None and rel.is_file():
+        r = Table.read(rel, format="ascii.ecsv")
+        if len(r) == len(tab):
+            zref = float(night.settings.get("photometry", {}).get("zp_reference", 25.0))
+            tab[col] = np.asarray(r["mag_inst"], float) + zref
+            tab.meta["relref_frame"] = r.meta.get("frame", "")
+    return tab
+
+
+def pointing(night, header) -> tuple[float, float]:
+    """RA, Dec [deg] the telescope pointed at: the header's, else the target's coordinates
+    in night.toml ``[targets]``.
+
+    Raises
+    ------
+    StepError
+        Neither is there.
+    """
+    ra, dec = header.get("RA"), header.get("DEC")
+    tgt = night.settings.get("targets", {}).get(header.get("OBJECT", ""), {})
+    if (ra is None or dec is None) and tgt:
+        from .headers import parse_angle
+        ra, dec = parse_angle(tgt["ra"], "ra"), parse_angle(tgt["dec"], "dec")
+    if ra is None or dec is None:
+        raise StepError("no pointing (RA/DEC) in the header and none in night.toml [targets]")
+    return float(ra), float(dec)
 
 
 def _astrometry(night, prod: Product) -> Product:
     from .ops.astrometry import detect_stars, initial_wcs, match_and_fit
     opts = night.settings.get("astrometry", {})
     w = night.profile.table("wcs")
-    ra, dec = prod.header.get("RA"), prod.header.get("DEC")
-    tgt = night.settings.get("targets", {}).get(prod.header.get("OBJECT", ""), {})
-    if (ra is None or dec is None) and tgt:
-        # no header pointing: start from the target's coordinates given in night.toml
-        from .headers import parse_angle
-        ra, dec = parse_angle(tgt["ra"], "ra"), parse_angle(tgt["dec"], "dec")
-    if ra is None or dec is None:
-        raise StepError("no pointing (RA/DEC) in the header and none in night.toml [targets]")
+    ra, dec = pointing(night, prod.header)
     scale = float(w.get("pixel_scale", 1.0))
     shapes = {n: d.data.shape for n, d in prod.detectors.items()}
     span = max(max(s) for s in shapes.values()) * scale / 3600.0
-    cat = reference_catalog(night, float(ra), float(dec), radius_deg=1.2 * span)
+    cat = reference_catalog(night, float(ra), float(dec), radius_deg=1.2 * span,
+                            target=prod.header.get("TARGET"))
     out = Product(prod.header.copy())
     rms, nmat = [], 0
     for name, d in prod.detectors.items():
@@ -373,22 +414,34 @@ def catalog_mag_column(night, filt: str) -> str | None:
     return cols.get(band, f"mag_{band}")
 
 
-def _zeropoint(night, prod: Product) -> Product:
+class StarPhotometry(NamedTuple):
+    """Aperture-corrected instrumental magnitudes of catalogue stars on one frame."""
+
+    index: np.ndarray      #: rows of the catalogue measured (flags clean, flux > 0)
+    mag: np.ndarray        #: [mag] -2.5 log10(e-/s), aperture-corrected to total flux
+    mag_err: np.ndarray    #: [mag]
+    fwhm_px: float         #: median stellar FWHM over the detectors [px] (nan if none)
+
+
+def star_photometry(night, prod: Product, cat) -> StarPhotometry:
+    """Measure the catalogue's stars on a solved frame (the t step's photometry).
+
+    Each detector: stars inside (20 px from the edges) through the detector's WCS;
+    FWHM from those stars; aperture ``[photometry] aperture_fwhm`` x FWHM (default 2),
+    local background in an annulus (mean); fluxes times the aperture correction to
+    total flux (measured at 4 FWHM on the same stars). A star touching an unusable pixel
+    (defect, saturated, low flat, off-image) is dropped; repaired cosmic-ray pixels are
+    not reasons to drop (on ARCSAT keeping stars with a hot pixel in the aperture took
+    the same-target ZP rms from 0.015 to 0.039 mag).
+    """
     from astropy.wcs import WCS
-    from .ops.photometry import (aperture_correction, aperture_photometry, fwhm_estimate,
-                                 instrumental_mag, zero_point)
+    from .ops.bits import UNUSABLE
+    from .ops.photometry import aperture_correction, aperture_photometry, fwhm_estimate, instrumental_mag
     opts = night.settings.get("photometry", {})
-    limits = night.profile.raw.get("limits", {}) | night.settings.get("limits", {})
     exptime = float(prod.header["EXPTIME"])
-    col = catalog_mag_column(night, prod.header.get("FILTER", ""))
-    scale = float(night.profile.table("wcs").get("pixel_scale", 1.0))
-    ra0, dec0 = prod.header.get("RA"), prod.header.get("DEC")
-    shapes = [d.data.shape for d in prod.detectors.values()]
-    cat = reference_catalog(night, float(ra0), float(dec0),
-                            radius_deg=1.2 * max(max(s) for s in shapes) * scale / 3600.0)
-    calibrated = col in cat.colnames
-    inst, ierr, cmag, fwhms = [], [], [], []
-    for name, d in prod.detectors.items():
+    idx, mags, errs, fwhms = [], [], [], []
+    rows = np.arange(len(cat))
+    for d in prod.detectors.values():
         wcs = WCS(d.header)
         x, y = wcs.world_to_pixel_values(np.asarray(cat["ra"]), np.asarray(cat["dec"]))
         ny, nx = d.data.shape
@@ -396,12 +449,8 @@ def _zeropoint(night, prod: Product) -> Product:
         if not inside.any():
             continue
         xy = np.column_stack([x[inside], y[inside]])
-        from .ops.bits import UNUSABLE
-        fw = fwhm_estimate(d.data, xy, mask=d.mask & UNUSABLE, saturation=d.header.get("SATURATE"))
-        # zero-point stars: any unusable pixel (defect, saturated, low flat, off-image)
-        # rejects a star; repaired cosmic-ray pixels do not (on ARCSAT keeping stars with a
-        # hot pixel in the aperture took the same-target ZP rms from 0.015 to 0.039 mag)
         pmask = d.mask & UNUSABLE
+        fw = fwhm_estimate(d.data, xy, mask=pmask, saturation=d.header.get("SATURATE"))
         if np.isfinite(fw):
             fwhms.append(fw)
         f0 = fw if np.isfinite(fw) else 3.0
@@ -409,32 +458,56 @@ def _zeropoint(night, prod: Product) -> Product:
         big = 4.0 * f0
         tab = aperture_photometry(d.data, d.unc, pmask, xy, r_ap=r, r_in=big + 3, r_out=big + 10,
                                   bkg_stat="mean")
-        # the zero point refers to total flux: aperture fluxes times the aperture correction
         apc, _, _ = aperture_correction(d.data, d.unc, pmask, xy, r_ap=r, r_big=big,
                                         r_in=big + 3, r_out=big + 10, small=tab)
-        good = (tab["flags"] == 0) & (tab["flux"] > 0)
+        good = (np.asarray(tab["flags"]) == 0) & (np.asarray(tab["flux"]) > 0)
         m, e = instrumental_mag(np.asarray(tab["flux"]) * apc, np.asarray(tab["flux_err"]) * apc,
                                 exptime)
-        inst.append(m[good])
-        ierr.append(e[good])
-        if calibrated:
-            cmag.append(np.asarray(cat[col])[inside][good])
+        idx.append(rows[inside][good])
+        mags.append(m[good])
+        errs.append(e[good])
+    cat_ = (np.concatenate(idx) if idx else np.zeros(0, int),
+            np.concatenate(mags) if mags else np.zeros(0), np.concatenate(errs) if errs else np.zeros(0))
+    return StarPhotometry(*cat_, float(np.median(fwhms)) if fwhms else float("nan"))
+
+
+def _zeropoint(night, prod: Product) -> Product:
+    from .ops.photometry import zero_point
+    opts = night.settings.get("photometry", {})
+    limits = night.profile.raw.get("limits", {}) | night.settings.get("limits", {})
+    filt = prod.header.get("FILTER", "")
+    col = catalog_mag_column(night, filt)
+    scale = float(night.profile.table("wcs").get("pixel_scale", 1.0))
+    ra0, dec0 = prod.header.get("RA"), prod.header.get("DEC")
+    shapes = [d.data.shape for d in prod.detectors.values()]
+    cat = reference_catalog(night, float(ra0), float(dec0),
+                            radius_deg=1.2 * max(max(s) for s in shapes) * scale / 3600.0,
+                            target=prod.header.get("TARGET"), filt=filt)
+    calibrated = col in cat.colnames
+    selfref = bool(cat.meta.get("selfref"))
+    ph = star_photometry(night, prod, cat)
+    fwhm = ph.fwhm_px
     out = Product(prod.header.copy(), prod.detectors)
     h = out.header
-    fwhm = float(np.median(fwhms)) if fwhms else float("nan")
     h["FWHM"] = (round(fwhm * scale, 3) if np.isfinite(fwhm) else "nan", "[arcsec] median stellar FWHM")
     reasons = []
-    if calibrated and inst:
-        zp = zero_point(np.concatenate(inst), np.concatenate(ierr), np.concatenate(cmag),
-                        min_stars=int(opts.get("min_stars", 3)))
+    if calibrated and len(ph.index):
+        cm = np.asarray(cat[col], float)[ph.index]
+        fin = np.isfinite(cm)
+        zp = zero_point(ph.mag[fin], ph.mag_err[fin], cm[fin], min_stars=int(opts.get("min_stars", 3)))
         h["PHOTZP"] = (round(float(zp.zp), 4), "[mag] zero point: m = -2.5log10(e-/s) + PHOTZP")
         h["PHOTZPER"] = (round(float(zp.zp_err), 4), "[mag] zero point uncertainty")
         h["PHOTNSTR"] = (int(zp.n_used), "stars used for the zero point")
-        h["PHOTCAL"] = (True, "calibrated against the catalogue column " + col)
+        if selfref:
+            # relative to the reference frame of this target and filter: scaled, not calibrated
+            h["PHOTCAL"] = (False, "relative to " + str(cat.meta.get("relref_frame", ""))[:40])
+            h["PHOTREL"] = (True, "zero point relative to the field reference")
+        else:
+            h["PHOTCAL"] = (True, "calibrated against the catalogue column " + col)
         # flux scale to a common zero point: data x FLXSCALE is on the PHOTZP = ZPREF system
         zref = float(opts.get("zp_reference", 25.0))
         h["FLXSCALE"] = (float(10 ** (0.4 * (zref - zp.zp))), f"flux scale to zero point {zref}")
-        if "zp_min" in limits and zp.zp < limits["zp_min"]:
+        if "zp_min" in limits and not selfref and zp.zp < limits["zp_min"]:
             reasons.append(f"zero point {zp.zp:.2f} below {limits['zp_min']}")
     else:
         h["PHOTCAL"] = (False, f"no catalogue magnitudes ({col}): uncalibrated")

@@ -98,8 +98,13 @@ def run_zeropoint(night_dir: str, filename: str, src: str, out: str):
 RUNNERS = {"s": run_sky, "z": run_cosmics, "a": run_astrometry, "t": run_zeropoint}
 
 
-def frame_tasks(night, sets, frame):
-    """The chain tasks of one frame, and the path of its last product."""
+def frame_tasks(night, sets, frame, extra_deps=None):
+    """The chain tasks of one frame, and the path of its last product.
+
+    ``extra_deps`` maps a step letter to more files its task depends on (the field
+    reference for a and t when no catalogue is configured).
+    """
+    extra_deps = extra_deps or {}
     from ..calsets import calib_settings, frame_key
     keys = calib_settings(night.settings)["set_keys"]
     stem = raw_stem(frame.file)
@@ -128,6 +133,7 @@ def frame_tasks(night, sets, frame):
         else:
             deps = [str(prev)]
             action = (RUNNERS[step], [str(night.dir), frame.file, str(prev), str(out)])
+        deps = deps + [str(p) for p in extra_deps.get(step, ())]
         tasks.append({
             "basename": name, "name": stem, "actions": [action], "file_dep": deps,
             "targets": [str(out)], "uptodate": [DigestUnchanged(_task_digest(night, name))],
@@ -140,6 +146,70 @@ def frame_tasks(night, sets, frame):
     if entry is not None and entry.get("final") == prev.name and len(tasks) > 1:
         return [pruned_chain_task(night, frame, tasks)], prev
     return tasks, prev
+
+
+def product_before(night, sets, frame, step: str) -> Path | None:
+    """The product a frame's ``step`` reads (the one before it in the frame's chain)."""
+    steps = frame_steps(night, sets, frame)
+    if step not in steps or steps.index(step) == 0:
+        return None
+    done = [s for s in ("p", "f", "s", "z", "a", "t") if s in steps]
+    return product_path(night, frame, chain(done)[done.index(step) - 1])
+
+
+def reference_tasks(night, sets, frames):
+    """Field-reference tasks (no catalogue configured: :mod:`reducer.fieldref`), and the
+    extra dependencies of each frame's a and t steps on them.
+
+    Returns
+    -------
+    tasks : list of dict
+    extra : dict
+        raw file name -> {step letter: [paths]}.
+    """
+    from ..fieldref import fieldref_path, reference_frames, relref_path, run_fieldref, run_relref
+    from ..stepconfig import self_reference
+    if not self_reference(night):
+        return [], {}
+    prefer = night.settings.get("astrometry", {}).get("reference_filters", [])
+    by_target, by_filter = reference_frames(frames, night.dir, prefer=[prefer] if isinstance(prefer, str)
+                                            else list(prefer))
+    tasks, extra = [], {}
+    refs = {}
+    for target, fr in sorted(by_target.items()):
+        src = product_before(night, sets, fr, "a")
+        if src is None:
+            continue
+        out = fieldref_path(night.dir, target)
+        refs[target] = out
+        tasks.append({"basename": "fieldref", "name": target, "file_dep": [str(src)],
+                      "actions": [(run_fieldref, [str(night.dir), fr.file, str(src), str(out)])],
+                      "targets": [str(out), str(out.with_suffix(".json"))], "clean": True,
+                      # frozen: the JSON sidecar keeps the reference frame as frames arrive
+                      "uptodate": [DigestUnchanged(step_digest(night, "astrometry"))],
+                      "doc": f"field reference of {target} from {fr.file} (no catalogue)"})
+    rel = {}
+    for (target, filt), fr in sorted(by_filter.items()):
+        src = product_before(night, sets, fr, "t")
+        if src is None or target not in refs:
+            continue
+        out = relref_path(night.dir, target, filt)
+        rel[(target, filt)] = out
+        tasks.append({"basename": "fieldref", "name": out.stem.replace("relref_", f"{target}_"),
+                      "file_dep": [str(src), str(refs[target])],
+                      "actions": [(run_relref, [str(night.dir), fr.file, str(src), str(refs[target]),
+                                                str(out)])],
+                      "targets": [str(out), str(out.with_suffix(".json"))], "clean": True,
+                      "uptodate": [DigestUnchanged(step_digest(night, "photometry"))],
+                      "doc": f"relative flux reference of {target} in {filt} from {fr.file}"})
+    for f in frames:
+        e = {}
+        if f.target in refs:
+            e["a"] = [refs[f.target]]
+        if (f.target, f.filter) in rel:
+            e["t"] = [rel[(f.target, f.filter)]]
+        extra[f.file] = e
+    return tasks, extra
 
 
 def _usable_products(paths):
@@ -218,7 +288,7 @@ def run_lightcurve(night_dir: str, paths: list, out: str) -> dict:
 
 
 def make_task_generator(night):
-    @create_after(executed="calib", creates=["science", "stack", "lightcurve",
+    @create_after(executed="calib", creates=["science", "stack", "lightcurve", "fieldref",
                                              *[STEP_NAMES[s] for s in IMPLEMENTED]])
     def task_science():
         """Every science target through the chain: doit science, or doit science:TARGET."""
@@ -229,8 +299,13 @@ def make_task_generator(night):
                "doc": "every science target through the chain (science:TARGET for one)"}
         by_target: dict = {}
         groups: dict = {}
-        for fr in science_frames(frames):
-            tasks, last = frame_tasks(night, sets, fr)
+        yield {"basename": "fieldref", "name": None,
+               "doc": "without a catalogue: one frame per target as its astrometric and flux reference"}
+        sci = science_frames(frames)
+        ref_tasks, extra = reference_tasks(night, sets, sci)
+        yield from ref_tasks
+        for fr in sci:
+            tasks, last = frame_tasks(night, sets, fr, extra.get(fr.file))
             by_target.setdefault(fr.target, []).append(f"{tasks[-1]['basename']}:{tasks[-1]['name']}")
             if last.name.startswith("t"):
                 groups.setdefault((fr.target, fr.filter), []).append(str(last))
