@@ -8,6 +8,8 @@
 ``reducer simulate DIR``       write a synthetic raw night (with its truth)
 ``reducer demo [DIR]``         simulate a night, make its directory and run doit there
 ``reducer calib ...``          the calibration registry (list, certify, decertify, mark-bad)
+``reducer watch [UTDATE]``     reduce a night automatically as its frames arrive
+``reducer prune [TARGET ...]`` remove the intermediate products of finished targets
 
 Errors from bad settings, profiles or input are one line on stderr and exit status 2.
 """
@@ -124,6 +126,45 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.dir), seed=args.seed)
 
 
+def cmd_watch(args) -> int:
+    from .night import NIGHT_TOML, make_night_dir
+    from .watch import run_watch
+    if not args.utdate and not args.raw and (Path.cwd() / NIGHT_TOML).is_file():
+        return run_watch(Path.cwd())         # in a night directory: watch it
+    site = _site(args)
+    utdate = args.utdate
+    if not utdate:
+        from .instruments import load_profile
+        from .nights import current_night
+        inst = args.instrument or site.data.get("instrument")
+        if not inst:
+            print("reducer: no instrument: pass --instrument NAME or set 'instrument' in "
+                  "reducer.toml", file=sys.stderr)
+            return 2
+        utdate = current_night(load_profile(inst, site.profiles_dirs).site)
+    res = make_night_dir(site, utdate, raw=args.raw, instrument=args.instrument)
+    for p in res.made:
+        print(f"night {utdate}: made {p.name} in {res.path}", flush=True)
+    return run_watch(res.path)
+
+
+def cmd_prune(args) -> int:
+    from .prune import prune_night
+    from .runlock import RunLocked
+    try:
+        res = prune_night(Path(args.night), args.targets, dry_run=args.dry_run)
+    except RunLocked as exc:
+        print(f"reducer: {exc}", file=sys.stderr)
+        return 2
+    total = sum(r.nbytes for r in res)
+    for r in res:
+        print(r.line(args.dry_run))
+    print(f"{'would free' if args.dry_run else 'freed'} {total / 1e6:.1f} MB in total"
+          f"{' (dry run: nothing removed)' if args.dry_run else ''}")
+    # a target asked for by name and left alone is worth a non-zero status for scripts
+    return 1 if args.targets and any(r.status == "pending" for r in res) else 0
+
+
 def cmd_calib(args) -> int:
     from .registry_cli import run
     site = _site(args)
@@ -171,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("watch", help="reduce a night automatically as its frames arrive")
+    p.add_argument("utdate", nargs="?", help="UT date YYYYMMDD (default: the night directory "
+                   "you are in, else the current observing night)")
+    p.add_argument("--raw", type=Path, help="raw folder (default: the site's raw pattern)")
+    p.add_argument("--instrument", help="instrument profile name")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("prune", help="remove the intermediate products of finished targets")
+    p.add_argument("targets", nargs="*", metavar="TARGET", help="targets (default: every finished one)")
+    p.add_argument("--night", default=".", help="night directory (default: the current one)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be freed, remove nothing")
+    p.set_defaults(func=cmd_prune)
+
     from .registry_cli import add_subcommands
     add_subcommands(sub).set_defaults(func=cmd_calib)
     return ap
@@ -181,10 +235,13 @@ def main(argv=None) -> int:
     from .instruments import ProfileError
     from .night import NightError
     from .headers import FrameError
+    from .prune import PruneError
+    from .watch import WatchError
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (SettingsError, ProfileError, NightError, FrameError, FileNotFoundError) as exc:
+    except (SettingsError, ProfileError, NightError, FrameError, FileNotFoundError,
+            PruneError, WatchError) as exc:
         print(f"reducer: {exc}", file=sys.stderr)
         return 2
 

@@ -48,6 +48,8 @@ DEFAULTS: dict = {
              "space_margin": 1.0, "progress_interval": 10.0},
     "inventory": {"settle_seconds": 30.0},
     "combine": {"mem_limit_mb": 256},
+    "watch": {"poll_seconds": 10.0, "settle_seconds": 30.0, "idle_minutes": 0.0,
+              "stop_at": "sunrise"},
 }
 
 _STAGE_TABLE = MapOf(_ANY)
@@ -57,6 +59,12 @@ _STAGE_TABLE = MapOf(_ANY)
 #: not a terminal (reducer.progress)
 _DOIT_TABLE = Table({"num_process": int, "threads": int, "lock_wait": float,
                      "min_free_mb": float, "space_margin": float, "progress_interval": float})
+
+#: [watch] (reducer.watch): raw folder poll interval [s], how long a new file's size and
+#: time must stay the same [s], stop after this long without new frames [min] (0: never),
+#: stop time: "sunrise", "twilight" (Sun at -12 deg, morning), local "HH:MM", or "" (none)
+_WATCH_TABLE = Table({"poll_seconds": float, "settle_seconds": float, "idle_minutes": float,
+                      "stop_at": str})
 
 SITE_SCHEMA = Table({
     "raw": str, "redux": str, "masters_store": str, "registry": str, "instrument": str,
@@ -68,6 +76,7 @@ SITE_SCHEMA = Table({
     "mail": Table({"host": str, "port": int, "from": str, "to": ListOf(str), "starttls": bool,
                    "cafile": str, "timeout": float}),
     "doit": _DOIT_TABLE,
+    "watch": _WATCH_TABLE,
     **{s: _STAGE_TABLE for s in STAGES},
 })
 
@@ -77,6 +86,7 @@ NIGHT_SCHEMA = Table({
     "drop": ListOf(str),
     "pin": MapOf(str),
     "doit": _DOIT_TABLE,
+    "watch": _WATCH_TABLE,
     "targets": MapOf(Table({"ra": Either((float, str)), "dec": Either((float, str)),
                             "name": str})),
     "catalog": Table({"path": str, "ra_column": str, "dec_column": str,
