@@ -500,8 +500,9 @@ def _zeropoint(night, prod: Product) -> Product:
         h["PHOTNSTR"] = (int(zp.n_used), "stars used for the zero point")
         if selfref:
             # relative to the reference frame of this target and filter: scaled, not calibrated
-            h["PHOTCAL"] = (False, "relative to " + str(cat.meta.get("relref_frame", ""))[:40])
+            h["PHOTCAL"] = (False, "uncalibrated: relative to PHOTREF")
             h["PHOTREL"] = (True, "zero point relative to the field reference")
+            h["PHOTREF"] = (str(cat.meta.get("relref_frame", ""))[-68:], "flux reference frame")
         else:
             h["PHOTCAL"] = (True, "calibrated against the catalogue column " + col)
         # flux scale to a common zero point: data x FLXSCALE is on the PHOTZP = ZPREF system

@@ -46,7 +46,11 @@ def night_tasks(dodo_file) -> dict:
     out = {"DOIT_CONFIG": doit_config(night)}
     out["task_inventory"] = inventory.make_task_generator(night)
     out["task_calib"] = calib.make_task_generator(night)
-    out["task_science"] = science.make_task_generator(night)
+    if command in ALL_TASKS_NOW:
+        out["task_science"] = science.make_task_generator(night)
+    else:
+        # one generator per delayed basename, so that `doit list` shows each one's doc
+        out.update(science.make_task_generators(night))
     out.update(reports.make_task_generators(night))
     out["task_redo"] = redo.make_task_generator(
         night, also=["report"] if "task_report" in out else [])

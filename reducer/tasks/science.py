@@ -348,9 +348,40 @@ def make_task_generator(night):
 
     # `doit list` does not create delayed tasks: name the targets known so far in the doc
     targets = known_targets(night)
-    task_science.__doc__ = ("Science targets through the chain: doit science, doit science:TARGET"
+    task_science.__doc__ = ("every science target through the chain: doit science, doit science:TARGET"
                             + (f" ({', '.join(targets)})" if targets else ""))
     return task_science
+
+
+#: one-line docs `doit list` shows for the delayed basenames (before they are made)
+LIST_DOCS = {
+    **{STEP_NAMES[s]: STEP_DOCS[s] for s in IMPLEMENTED},
+    "fieldref": "without a catalogue: one frame per target as its astrometric and flux reference",
+    "stack": "stack, catalogue and target magnitude per target and filter",
+    "lightcurve": "light curve (BJD_TDB, calibrated and differential) per target and filter",
+}
+
+
+def make_task_generators(night) -> dict:
+    """``task_science`` and, for ``doit list``, one placeholder generator per basename it
+    makes (prepare, flatten, ..., stack, lightcurve), each with its own one-line doc.
+
+    doit shows a delayed generator's docstring for every basename it ``creates``; so each
+    basename gets a generator of its own. Whichever doit loads first makes every task (the
+    same body), and doit then replaces the other placeholders by the real tasks, so the
+    body runs once per doit run.
+    """
+    science = make_task_generator(night)
+    out = {"task_science": science}
+    for base, doc in LIST_DOCS.items():
+        def gen(_science=science):
+            yield from _science()
+        gen.__doc__ = doc
+        gen.__name__ = f"task_{base}"
+        out[f"task_{base}"] = create_after(executed="calib", creates=[base])(gen)
+    # task_science creates only its own basename now
+    science.doit_create_after.creates = ["science"]
+    return out
 
 
 def known_targets(night) -> list[str]:
