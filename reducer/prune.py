@@ -418,6 +418,8 @@ def _prune(night, targets, dry_run: bool) -> list:
             results.append(res)
         if dry_run:
             return results
+        # before anything is written: the manifest changes the target folder's time
+        report_fresh = _report_fresh(night)
         from datetime import datetime, timezone
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for mpath, entries in manifests.items():
@@ -427,10 +429,9 @@ def _prune(night, targets, dry_run: bool) -> list:
         _record_pruned_tasks(dep, to_save, to_forget)
     finally:
         dep.close()
-    report_fresh = _report_fresh(night)
     for p in to_delete:
         p.unlink(missing_ok=True)
-    if report_fresh and to_delete:
+    if report_fresh and (to_delete or manifests):
         _refresh_report_signature(night)
     return results
 
@@ -444,8 +445,8 @@ def _report_fresh(night) -> bool:
 def _refresh_report_signature(night) -> None:
     """``report.txt`` is made from each frame's last product, the stacks and sidecars, never
     from intermediates: a report up to date before pruning is up to date after it. Its
-    signature (a listing of the target folders) is recorded again so ``doit science`` does
-    not rewrite it for nothing."""
+    signature (which sees the target folders change) is recorded again so ``doit science``
+    does not rewrite it for nothing."""
     from .fitsio import atomic_write_text
     from .tasks.reports import SIGNATURE_FILE, report_signature
     atomic_write_text(night.dir / SIGNATURE_FILE, report_signature(night.dir) + "\n")
