@@ -162,6 +162,7 @@ class ProgressReporter(ConsoleReporter):
         self.not_run: set = set()
         self.last_plain = time.monotonic()     # the first plain line after one interval
         self.line_shown = False
+        self.last_line = ""
         self.lock = threading.RLock()
         self.ticker = None
         self.done_flag = threading.Event()
@@ -188,7 +189,8 @@ class ProgressReporter(ConsoleReporter):
     def execute_task(self, task):
         if task.name not in self.reach:
             self._recount()
-        self.running[task.name] = (time.monotonic(), datetime.now(timezone.utc))
+        if self._counted(task):
+            self.running[task.name] = (time.monotonic(), datetime.now(timezone.utc))
         if self.live and self.ticker is None:
             # started with the first task, not before: `doit -n N` forks its workers
             # before any task starts, and a fork must not copy a thread holding a lock
@@ -272,7 +274,9 @@ class ProgressReporter(ConsoleReporter):
         return bool(task.actions) and task.name[0] != "_"
 
     def _recount(self) -> None:
-        """The tasks this run may execute: those reachable from the selected ones."""
+        """The tasks this run may execute: those reachable from the selected ones, now or
+        before (a delayed creator replaces its placeholder by a group that no longer lists
+        what the placeholder waited for, e.g. ``inventory``)."""
         seen, stack, pending = set(), list(self.selected), False
         while stack:
             name = stack.pop()
@@ -290,9 +294,9 @@ class ProgressReporter(ConsoleReporter):
                 if loader.task_dep:
                     deps.append(loader.task_dep)
             stack.extend(deps)
-        self.reach = seen
+        self.reach |= seen
         self.pending = pending
-        self.total = sum(1 for n in seen if n in self.tasks and self._counted(self.tasks[n]))
+        self.total = sum(1 for n in self.reach if n in self.tasks and self._counted(self.tasks[n]))
 
     def _finish(self, task, status: str, reason: str | None = None) -> None:
         if task.name not in self.reach:
@@ -356,9 +360,12 @@ class ProgressReporter(ConsoleReporter):
                     return          # a task is writing to the terminal: do not draw over it
                 self._draw()
             elif self.interval >= 0 and time.monotonic() - self.last_plain >= self.interval:
-                self.last_plain = time.monotonic()
-                self.err.write(f"progress {self._line()}\n")
-                self.err.flush()
+                line = self._line()
+                if line != self.last_line:
+                    self.last_plain = time.monotonic()
+                    self.last_line = line
+                    self.err.write(f"progress {line}\n")
+                    self.err.flush()
 
     def _draw(self) -> None:
         import shutil
@@ -405,6 +412,9 @@ class ProgressReporter(ConsoleReporter):
             parts.append(f"{ign} ignored")
         if self.frame_failures:
             parts.append(f"{self.frame_failures} recorded a frame failure (see above)")
+        if self.running:
+            parts.append(f"stopped while {len(self.running)} ran: "
+                         + ", ".join(sorted(self.running)))
         night = _BOUND["utdate"] or self.night_dir.name
         where = ""
         if self.log is not None:
