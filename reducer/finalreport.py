@@ -140,7 +140,7 @@ def frame_rows(summary) -> list[dict]:
             "ut": f.ut, "file": f.file, "object": f.object, "kind": "std" if f.kind == "standard" else "sci",
             "filter": f.filter, "exptime": _fmt(f.exptime, ".1f"), "airmass": _fmt(f.airmass, ".3f"),
             "fwhm": _fmt(f.fwhm, ".2f"), "sky": _fmt(f.sky_rate, ".2f"), "sky_rms": _fmt(f.sky_rms, ".1f"),
-            "sky_mag": _fmt(sky_mag, ".2f"), "zp": _fmt(f.zp, ".3f"), "zp_err": _fmt(f.zp_err, ".3f"),
+            "sky_mag": _fmt(sky_mag, ".2f"), "zp": _fmt(f.zp, ".3f") + (" (rel.)" if f.relative and _finite(f.zp) else ""), "zp_err": _fmt(f.zp_err, ".3f"),
             "nstars": str(f.nstars) if f.nstars else "-", "lim5": _fmt(f.lim5, ".2f"),
             "status": f.status,
             "why": failure_text(f.why) if f.status == "failed" else f.why,
@@ -317,8 +317,11 @@ def _row_dict(r) -> dict:
     return {"ut": r.ut_start, "object": r.object, "kind": r.kind, "filter": r.filter,
             "used": r.n_used, "rejected": r.n_rejected, "pending": r.n_pending,
             "exptime": _fmt(r.exptime, ".0f"), "airmass": am, "fwhm": _fmt(r.fwhm, ".2f"),
-            "sky": _fmt(r.sky_rate, ".2f"), "zp": _fmt(r.zp, ".3f"), "lim5": _fmt(r.lim5, ".2f"),
-            "mag": _fmt(r.mag, ".3f") + ("" if r.calibrated or not _finite(r.mag) else " (instr.)"),
+            "sky": _fmt(r.sky_rate, ".2f"),
+            "zp": _fmt(r.zp, ".3f") + (" (rel.)" if r.relative and _finite(r.zp) else ""),
+            "lim5": _fmt(r.lim5, ".2f") + (" (rel.)" if r.relative and _finite(r.lim5) else ""),
+            "mag": _fmt(r.mag, ".3f") + ("" if r.calibrated or not _finite(r.mag)
+                                         else " (rel.)" if r.relative else " (instr.)"),
             "mag_err": _fmt(r.mag_err, ".3f"), "flag": r.flag, "note": r.note}
 
 
@@ -337,7 +340,7 @@ def _stack_caption(summary, name: str) -> str:
     fr = [f for f in summary.frames if f.target == st.target]
     obj = fr[0].object if fr else st.target
     if _finite(st.mag):
-        mag = f"; target (circled) {st.mag:.3f} ± {st.mag_err:.3f}{'' if st.calibrated else ' (instrumental)'}"
+        mag = f"; target (circled) {st.mag:.3f} ± {st.mag_err:.3f}{'' if st.calibrated else ' (relative)' if st.relative else ' (instrumental)'}"
     elif fr and fr[0].kind == "standard":
         mag = ""            # a standard field has no target of its own
     else:

@@ -215,6 +215,7 @@ class FrameSummary:
     sky_rms: float = math.nan  # e-/px
     zp: float = math.nan
     zp_err: float = math.nan
+    relative: bool = False    # zp relative to the target's reference frame (no catalogue)
     nstars: int = 0
     lim5: float = math.nan
     why: str = ""             # QUALWHY, or "<step>: <FAILWHY>"
@@ -244,6 +245,7 @@ class StackSummary:
     mag: float = math.nan
     mag_err: float = math.nan
     calibrated: bool = False
+    relative: bool = False    # magnitude relative to the target's reference frame
     reason: str = ""
     inputs: list = field(default_factory=list)
     left_out: list = field(default_factory=list)   # [(file, reason)]
@@ -428,8 +430,9 @@ def frame_summary(fr, product: Path | None, rel: str, pixel_scale: float, final_
     s.fwhm = _num(h.get("FWHM"))
     s.sky = _num(h.get("SKYLEVEL"))
     s.sky_rms = _num(h.get("SKYRMS"))
-    if h.get("PHOTCAL", True) is not False:
+    if h.get("PHOTCAL", True) is not False or h.get("PHOTREL"):
         s.zp, s.zp_err = _num(h.get("PHOTZP")), _num(h.get("PHOTZPER"))
+        s.relative = bool(h.get("PHOTREL"))
     s.nstars = int(_num(h.get("PHOTNSTR")) if _finite(_num(h.get("PHOTNSTR"))) else 0)
     if isinstance(h.get("AIRMASS"), (int, float)) and not _finite(s.airmass):
         s.airmass = float(h["AIRMASS"])
@@ -465,6 +468,7 @@ def _stack_summaries(ndir: Path) -> dict:
             # "calibrated": False with "relative": True: scaled to the target's reference
             # frame (no catalogue; reducer.fieldref)
             st.mag, st.calibrated = float(d["mag"]), bool(d.get("calibrated", True))
+            st.relative = bool(d.get("relative", False))
         elif "mag_inst" in d:
             st.mag = float(d["mag_inst"])
         if "mag_err" in d:

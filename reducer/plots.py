@@ -72,7 +72,10 @@ def night_trends(frames, out: Path, *, title: str = "") -> Path | None:
     plt = _pyplot()
     import matplotlib.dates as mdates
     colours = filter_colours(f.filter for f, _ in pts)
-    panels = [("fwhm", 'FWHM (")'), ("sky_rate", "sky (e-/s/px)"), ("zp", "zero point (mag)"),
+    relative = any(f.relative for f, _ in pts) and not any(
+        _finite_zp(f) and not f.relative for f, _ in pts)
+    panels = [("fwhm", 'FWHM (")'), ("sky_rate", "sky (e-/s/px)"),
+              ("zp", "relative zero point (mag)" if relative else "zero point (mag)"),
               ("airmass", "airmass")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 8.5), sharex=True)
     for ax, (attr, label) in zip(axes, panels):
@@ -120,6 +123,11 @@ def night_trends(frames, out: Path, *, title: str = "") -> Path | None:
 
 
 #: smallest y range of a trend panel, so that noise on a steady night does not look like drama
+def _finite_zp(f) -> bool:
+    import math
+    return isinstance(f.zp, float) and math.isfinite(f.zp)
+
+
 MIN_SPAN = {"fwhm": 0.3, "zp": 0.1, "airmass": 0.1}
 
 

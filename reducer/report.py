@@ -10,7 +10,8 @@ no pixels), so ``doit science`` can rewrite it after every run. Sections:
    :mod:`reducer.nightsummary`), the target's magnitude and error from the stack, and a flag:
    ``OK`` (every frame used), ``PART`` (some frames failed or rejected), ``FAIL`` (none
    usable), ``WAIT`` (frames still going through the chain); ``i`` after a magnitude marks
-   an instrumental (uncalibrated) magnitude;
+   an instrumental (uncalibrated) magnitude, ``r`` after a zero point, limit or magnitude
+   one relative to the target's reference frame (no catalogue: :mod:`reducer.fieldref`);
 2. zero points per filter, standards beside science frames;
 3. the calibrations used (tonight's, pinned, or a fallback with its night and age) and the
    masters built tonight with their verification;
@@ -52,6 +53,7 @@ class TargetRow:
     mag: float = math.nan
     mag_err: float = math.nan
     calibrated: bool = False
+    relative: bool = False    # ZP, limit and magnitude relative to the reference frame
     flag: str = ""
     note: str = ""
     frames: list = field(default_factory=list)
@@ -86,10 +88,11 @@ def target_rows(summary: NightSummary) -> list[TargetRow]:
             airmass=(min(am), max(am)) if am else (math.nan, math.nan),
             fwhm=_median(f.fwhm for f in basis), sky_rate=_median(f.sky_rate for f in basis),
             zp=_median(f.zp for f in basis), lim5=combined_limit(f.lim5 for f in used),
-            frames=frames)
+            frames=frames, relative=any(f.relative for f in basis))
         st = summary.stacks.get(stack_name(target, filt))
         if st is not None:
             row.mag, row.mag_err, row.calibrated = st.mag, st.mag_err, st.calibrated
+            row.relative = row.relative or st.relative
             # a standard field has no target of its own: only say why nothing was stacked
             if not _finite(st.mag) and (row.kind == "sci" or not used):
                 row.note = st.reason or "no target magnitude"
@@ -113,7 +116,7 @@ def zero_points(summary: NightSummary) -> list[dict]:
     """Per filter: median zero point, its scatter and count, for standards and science frames."""
     out: dict = {}
     for f in summary.frames:
-        if f.status != "ok" or not _finite(f.zp):
+        if f.status != "ok" or not _finite(f.zp) or f.relative:
             continue
         d = out.setdefault(f.filter, {"filter": f.filter, "standard": [], "science": []})
         d["standard" if f.kind == "standard" else "science"].append(f)
@@ -162,12 +165,20 @@ ROW_HEADER = "{:8s}  {:20s} {:3s} {:8s} {:>8s} {:>7s} {:>11s} {:>5s} {:>8s} {:>6
 
 def format_row(r: TargetRow) -> str:
     am = (f"{r.airmass[0]:.2f}-{r.airmass[1]:.2f}" if _finite(r.airmass[0]) else "-").rjust(11)
-    mag = _f(r.mag, ".3f", 7) + ("i" if _finite(r.mag) and not r.calibrated else " ")
+    mag = _f(r.mag, ".3f", 7) + (mark(r) if _finite(r.mag) else " ")
+    def rel(v):
+        return "r" if r.relative and _finite(v) else " "
     used = f"{r.n_used}/{r.n_rejected}".rjust(8)
     return (f"{r.ut_start[:8]:8s}  {clean_text(r.object, 20):20s} {r.kind:3s} "
             f"{clean_text(r.filter, 8):8s} {used} {_f(r.exptime, '.1f', 7)} {am} "
-            f"{_f(r.fwhm, '.2f', 5)} {_f(r.sky_rate, '.2f', 8)} {_f(r.zp, '.3f', 6)} "
-            f"{_f(r.lim5, '.2f', 6)} {mag} {_f(r.mag_err, '.3f', 5)}  {r.flag}")
+            f"{_f(r.fwhm, '.2f', 5)} {_f(r.sky_rate, '.2f', 8)} {_f(r.zp, '.3f', 6)}{rel(r.zp)}"
+            f"{_f(r.lim5, '.2f', 6)}{rel(r.lim5)}{mag} {_f(r.mag_err, '.3f', 5)}  {r.flag}")
+
+
+def mark(r) -> str:
+    """Suffix of a magnitude: ``r`` relative to the target's reference frame (no catalogue),
+    ``i`` instrumental, nothing when calibrated."""
+    return " " if r.calibrated else ("r" if r.relative else "i")
 
 
 def _age(u) -> str:
@@ -195,7 +206,8 @@ def format_report(summary: NightSummary, *, written: str = "", version: str = ""
     L.append("")
     L.append("Targets (Used/Rej: frames in the stack / failed or rejected; Exp: exposure used;")
     L.append("  Sky: median e-/s/px; ZP: median zero point, m = -2.5 log10(e-/s) + ZP;")
-    L.append("  Lim5s: 5-sigma point-source limit of the stack; Mag: target in the stack, i = instrumental)")
+    L.append("  Lim5s: 5-sigma point-source limit of the stack; Mag: target in the stack;")
+    L.append("  i = instrumental, r = relative to the target's reference frame: no catalogue)")
     L.append(ROW_HEADER)
     L.append("-" * len(ROW_HEADER))
     if not rows:
