@@ -54,7 +54,8 @@ DEFAULTS: dict = {
 
 _STAGE_TABLE = MapOf(_ANY)
 
-#: [doit]: processes and threads; run lock wait [s] (reducer.runlock); free-space floor [MB]
+#: [doit]: processes and threads (2 x 1 is the fastest on 2 cores: bench/night.py; more
+#: threads per process only add OpenMP waiting); run lock wait [s] (reducer.runlock); free-space floor [MB]
 #: and margin on the estimate (reducer.diskspace); progress line interval [s] when stderr is
 #: not a terminal (reducer.progress)
 _DOIT_TABLE = Table({"num_process": int, "threads": int, "lock_wait": float,

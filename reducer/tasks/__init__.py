@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..config import DEFAULTS
 from ..progress import ProgressReporter
 
 
@@ -22,7 +23,7 @@ def doit_config(night) -> dict:
         "default_tasks": ["science"],
         # one frame failing never stops the night: what does not depend on it goes on
         "continue": True,
-        "num_process": int(d.get("num_process", 1)),
+        "num_process": int(d.get("num_process", DEFAULTS["doit"]["num_process"])),
         "par_type": "process",
         # task output is captured and shown by the reporter when each task ends (so the
         # progress line stays whole); `doit -v 2` shows it live as well
@@ -40,7 +41,7 @@ def night_tasks(dodo_file) -> dict:
     command = _guard_run(night)
     # each doit process uses this many threads (OpenMP in astroscrappy, BLAS): with
     # num_process workers on the machine's cores, more only makes them fight
-    threads = str(night.settings.get("doit", {}).get("threads", 1))
+    threads = str(night.settings.get("doit", {}).get("threads", DEFAULTS["doit"]["threads"]))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, threads)
     out = {"DOIT_CONFIG": doit_config(night)}
