@@ -336,3 +336,79 @@ def test_a_busy_night_waits_for_the_other_run(session):
     a = s.wait_for(r"^watch 20261120: 3 new or changed frame\(s\)", i)
     s.wait_for(DONE, a)
     assert "inventory 20261120: 3 frames (3 bias)" in s.text(a)
+
+
+def test_fallback_masters_serve_until_tonights_arrive(session, sim):
+    """Science frames before tonight's flats: the registry's flat of the night before serves;
+    once tonight's flats are in, the frames are flattened again with tonight's master."""
+    from astropy.io import fits
+    from reducer.testing import make_night
+    from conftest import run_cli
+    root, raw, tonight = session["root"], session["raw"], session["sim"]
+    # the night before (same seed: the same camera, so the same pixel response; another seed
+    # makes tonight's flat fail its comparison with the previous one): its masters certified
+    prev = make_night(root / "prev" / "20261119", seed=11, utdate="20261119", filters=("r",),
+                      standard=False, shape=SHAPE, stars_per_field=200, nbias=3, ndark=3,
+                      nflat=3, targets=[Target("FIELD-A", nexp=1, exptime=60.0)])
+    s = session["start"](dict(WATCH, idle_minutes=0.0))
+    s.wait_for(r"^watch 20261120: watching ")
+    cfg = root / "reducer.toml"
+    run_cli("--config", str(cfg), "night", "20261119", "--raw", str(prev.raw_dir), cwd=root)
+    doit(root / "redux" / "20261119", "calib")
+    # tonight: biases, darks and FIELD-A's frames, no flat yet
+    fa = _frames(tonight, "science", target="FIELD-A")
+    first = _frames(tonight, "bias", "dark") + fa
+    _copy(tonight, first, raw)
+    a = s.wait_for(rf"^watch 20261120: {len(first)} new or changed frame\(s\)")
+    b = s.wait_for(DONE, a)
+    nd = s.nd
+    for f in fa:
+        h = fits.getheader(nd / "FIELD-A" / f"fp{f.rsplit('.', 1)[0]}.fits")
+        assert h["MFLATOR"].startswith("fallback from 20261119"), h["MFLATOR"]
+        assert h["MBIASOR"] == "tonight"
+    # tonight's flats: tonight's master flat, and the frames flattened again with it
+    flats = _frames(tonight, "flat")
+    _copy(tonight, flats, raw)
+    a = s.wait_for(rf"^watch 20261120: {len(flats)} new or changed frame\(s\)", b)
+    s.wait_for(DONE, a)
+    assert re.search(r"^master flat_\S+: 3 frames, verification PASS", s.text(a), re.M), s.text()
+    for f in fa:
+        stem = f.rsplit(".", 1)[0]
+        assert fits.getheader(nd / "FIELD-A" / f"fp{stem}.fits")["MFLATOR"] == "tonight"
+        assert fits.getheader(nd / "FIELD-A" / f"tazsfp{stem}.fits")["MFLATOR"] == "tonight"
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=60) == 0
+
+
+def test_a_night_already_over_is_finished_and_reported(tmp_path):
+    """Started after the night's stop time: what is in raw/ is reduced once, then the final
+    report, and the session ends."""
+    from reducer.testing import make_night
+    small_profile(tmp_path / "profiles")
+    old = make_night(tmp_path / "raw" / "20200115", seed=2, utdate="20200115", filters=("r",),
+                     standard=False, shape=SHAPE, stars_per_field=200, nbias=3, ndark=0,
+                     nflat=0, targets=[Target("FIELD-A", nexp=1, exptime=60.0)])
+    bias = sorted(f["file"] for f in old.truth["frames"] if f["type"] == "bias")
+    for f in old.truth["frames"]:
+        if f["type"] != "bias":
+            (old.raw_dir / f["file"]).unlink()
+    cfg = tmp_path / "reducer.toml"
+    cfg.write_text('instrument = "demosmall"\nredux = "redux"\nmasters_store = "masters"\n'
+                   'profiles_dirs = ["profiles"]\n[watch]\npoll_seconds = 0.5\n'
+                   'settle_seconds = 1.0\nstop_at = "06:30"\n')
+    env = {k: v for k, v in os.environ.items() if k != "REDUCER_RUNLOCK_HELD"}
+    r = subprocess.run([sys.executable, "-m", "reducer.cli", "--config", str(cfg), "watch",
+                        "20200115", "--raw", str(old.raw_dir)], cwd=tmp_path, capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert re.search(r"^watch 20200115: watching .*; stops at 06:30 2020-01-15 06:30 MST$", out, re.M)
+    assert re.search(r"^watch 20200115: night over \(06:30 13:30 UTC\): last frames and the final "
+                     r"report$", out, re.M), out
+    assert re.search(r"^watch 20200115: 3 new or changed frame\(s\) \(" + re.escape(bias[0]), out, re.M)
+    assert "master bias_1x1_160x256_normal: 3 frames, verification PASS" in out
+    if "doit finalreport" in out:
+        assert (tmp_path / "redux" / "20200115" / "finalreport.txt").is_file()
+    assert out.splitlines()[-1] in ("watch 20200115: done after 2 doit run(s)",
+                                    "watch 20200115: this night has no finalreport task (reducer "
+                                    "without the end-of-night report): skipped")
