@@ -296,6 +296,8 @@ class Watch:
         try:
             with hold(self.night.dir, "reducer watch: doit " + " ".join(args)):
                 self._busy = None
+                if self.signals.got:
+                    return None                  # stopping: start nothing
                 if announce:
                     self.say(announce)
                 t0 = time.monotonic()
@@ -304,6 +306,8 @@ class Watch:
                                          cwd=self.night.dir, env=dict(os.environ),
                                          start_new_session=True)
                 self.signals.child = child
+                if self.signals.got:             # a signal came while it was starting
+                    os.killpg(child.pid, signal.SIGINT)
                 try:
                     rc = child.wait()
                 finally:
