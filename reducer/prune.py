@@ -18,12 +18,19 @@ rebuild them:
    in the manifest, one task in place of its chain: same name as the chain's last task
    (``zeropoint:<stem>``), same target (the final product), ``file_dep`` on the raw frame
    and masters only, ``uptodate`` comparing the chain digest with the one the final
-   product was made with (:class:`ChainUnchanged`). When the digest changes (a setting of
-   any step, a new master, a touched raw frame), its action :func:`run_pruned_chain`
-   rebuilds the whole chain in a scratch folder and keeps only the final product.
+   product was made with (:class:`ChainUnchanged`; kept in doit's values of the task, as
+   each step keeps its settings digest, so parallel rebuilds never write one file). When
+   the digest changes (a setting of any step, a new master, a touched raw frame), its
+   action :func:`run_pruned_chain` rebuilds the whole chain in a scratch folder and keeps
+   only the final product: the frame stays pruned.
 4. doit would run a task whose ``file_dep`` list changed, so pruning records the new task's
    state in ``.doit.db`` exactly as ``doit reset-dep`` does (``Dependency.save_success``
-   with the task's previous values), and forgets the intermediate steps' tasks.
+   with the task's previous values plus the chain digest), and forgets the intermediate
+   steps' tasks. ``report.txt``, made from final products only, stays up to date.
+
+A frame whose intermediate another task reads (the reference frame of a target without a
+catalogue: :mod:`reducer.fieldref`) keeps its chain. ``doit redo:TARGET`` removes the
+target's folder, manifest included: every prefix comes back.
 
 Order of the writes (a crash at any point leaves a night ``doit science`` completes
 correctly): manifest, then doit's database, then the deletions. Running prune again is
