@@ -9,7 +9,7 @@ from pathlib import Path
 
 DEMO_UTDATE = "20261120"
 #: the doit runs the demo makes, in order (each builds what it needs first)
-DEMO_TASKS = (["science"],)
+DEMO_TASKS = (["science"], ["finalreport"])
 
 
 def run_doit(night_dir: Path, *args: str) -> int:
@@ -69,4 +69,5 @@ def run_demo(where: Path, seed: int = 1) -> int:
     for p in sorted(res.path.iterdir()):
         if not p.name.startswith("."):
             print(f"  {p.name}")
+    print(f"\nread {res.path / 'report.txt'}; open {res.path / 'finalreport.html'} in a browser")
     return 0
