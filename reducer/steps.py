@@ -421,26 +421,32 @@ class StarPhotometry(NamedTuple):
     mag: np.ndarray        #: [mag] -2.5 log10(e-/s), aperture-corrected to total flux
     mag_err: np.ndarray    #: [mag]
     fwhm_px: float         #: median stellar FWHM over the detectors [px] (nan if none)
+    apcorr: float = 1.0    #: aperture correction applied (all detectors together)
+    apcorr_err: float = float("nan")   #: its 1-sigma error (nan: fewer than 3 stars)
+    apcorr_n: int = 0      #: stars it was measured on
 
 
 def star_photometry(night, prod: Product, cat) -> StarPhotometry:
     """Measure the catalogue's stars on a solved frame (the t step's photometry).
 
     Each detector: stars inside (20 px from the edges) through the detector's WCS;
-    FWHM from those stars; aperture ``[photometry] aperture_fwhm`` x FWHM (default 2),
-    local background in an annulus (mean); fluxes times the aperture correction to
-    total flux (measured at 4 FWHM on the same stars). A star touching an unusable pixel
+    FWHM from those stars (the frame's: the median over the detectors); aperture
+    ``[photometry] aperture_fwhm`` x FWHM (default 2), local background in an annulus
+    (mean); fluxes times the aperture correction to total flux, measured at 4 FWHM on the
+    brighter stars of *all* detectors together (they share the seeing; per detector, a
+    sparse field left 1-2 stars and no correction). A star touching an unusable pixel
     (defect, saturated, low flat, off-image) is dropped; repaired cosmic-ray pixels are
     not reasons to drop (on ARCSAT keeping stars with a hot pixel in the aperture took
     the same-target ZP rms from 0.015 to 0.039 mag).
     """
     from astropy.wcs import WCS
     from .ops.bits import UNUSABLE
-    from .ops.photometry import aperture_correction, aperture_photometry, fwhm_estimate, instrumental_mag
+    from .ops.photometry import (aperture_photometry, combine_growth_ratios, fwhm_estimate,
+                                 growth_ratios, instrumental_mag)
     opts = night.settings.get("photometry", {})
     exptime = float(prod.header["EXPTIME"])
-    idx, mags, errs, fwhms = [], [], [], []
     rows = np.arange(len(cat))
+    dets, fwhms = [], []
     for d in prod.detectors.values():
         wcs = WCS(d.header)
         x, y = wcs.world_to_pixel_values(np.asarray(cat["ra"]), np.asarray(cat["dec"]))
@@ -453,13 +459,24 @@ def star_photometry(night, prod: Product, cat) -> StarPhotometry:
         fw = fwhm_estimate(d.data, xy, mask=pmask, saturation=d.header.get("SATURATE"))
         if np.isfinite(fw):
             fwhms.append(fw)
-        f0 = fw if np.isfinite(fw) else 3.0
-        r = float(opts.get("aperture_fwhm", 2.0)) * f0
-        big = 4.0 * f0
+        dets.append((d, inside, xy, pmask))
+    fwhm = float(np.median(fwhms)) if fwhms else float("nan")
+    f0 = fwhm if np.isfinite(fwhm) else 3.0
+    r = float(opts.get("aperture_fwhm", 2.0)) * f0
+    big = 4.0 * f0
+    tabs, ratios, rerrs = [], [], []
+    for d, inside, xy, pmask in dets:
         tab = aperture_photometry(d.data, d.unc, pmask, xy, r_ap=r, r_in=big + 3, r_out=big + 10,
                                   bkg_stat="mean")
-        apc, _, _ = aperture_correction(d.data, d.unc, pmask, xy, r_ap=r, r_big=big,
-                                        r_in=big + 3, r_out=big + 10, small=tab)
+        ra_, re_ = growth_ratios(d.data, d.unc, pmask, xy, r_ap=r, r_big=big, r_in=big + 3,
+                                 r_out=big + 10, small=tab)
+        tabs.append(tab)
+        ratios.append(ra_)
+        rerrs.append(re_)
+    apc, apc_err, apc_n = combine_growth_ratios(np.concatenate(ratios) if ratios else [],
+                                                np.concatenate(rerrs) if rerrs else [], nmax=100)
+    idx, mags, errs = [], [], []
+    for (d, inside, xy, pmask), tab in zip(dets, tabs):
         good = (np.asarray(tab["flags"]) == 0) & (np.asarray(tab["flux"]) > 0)
         m, e = instrumental_mag(np.asarray(tab["flux"]) * apc, np.asarray(tab["flux_err"]) * apc,
                                 exptime)
@@ -468,11 +485,17 @@ def star_photometry(night, prod: Product, cat) -> StarPhotometry:
         errs.append(e[good])
     cat_ = (np.concatenate(idx) if idx else np.zeros(0, int),
             np.concatenate(mags) if mags else np.zeros(0), np.concatenate(errs) if errs else np.zeros(0))
-    return StarPhotometry(*cat_, float(np.median(fwhms)) if fwhms else float("nan"))
+    return StarPhotometry(*cat_, fwhm, apc, apc_err, apc_n)
+
+
+#: Relative error given to the aperture correction when it could not be measured (fewer
+#: than 3 stars with S/N >= 20 at 4 FWHM): it is then 1.0, while a 2-FWHM aperture
+#: typically misses 2-4 % of a star's flux.
+APCFAILE = 0.03
 
 
 def _zeropoint(night, prod: Product) -> Product:
-    from .ops.photometry import zero_point
+    from .ops.photometry import MAG_PER_LN, zero_point
     opts = night.settings.get("photometry", {})
     limits = night.profile.raw.get("limits", {}) | night.settings.get("limits", {})
     filt = prod.header.get("FILTER", "")
@@ -496,8 +519,15 @@ def _zeropoint(night, prod: Product) -> Product:
         fin = np.isfinite(cm)
         zp = zero_point(ph.mag[fin], ph.mag_err[fin], cm[fin], min_stars=int(opts.get("min_stars", 3)))
         h["PHOTZP"] = (round(float(zp.zp), 4), "[mag] zero point: m = -2.5log10(e-/s) + PHOTZP")
-        h["PHOTZPER"] = (round(float(zp.zp_err), 4), "[mag] zero point uncertainty")
+        # the aperture correction is common to every star: its error is the zero point's
+        # too (a failed correction, fewer than 3 stars, counts as APCFAILE relative)
+        apc_rel = ph.apcorr_err / ph.apcorr if np.isfinite(ph.apcorr_err) else APCFAILE
+        zperr = float(np.hypot(zp.zp_err, MAG_PER_LN * apc_rel))
+        h["PHOTZPER"] = (round(zperr, 4), "[mag] zero point uncertainty (apcorr incl.)")
+        h["PHOTZPFE"] = (round(float(zp.zp_err), 4), "[mag] zero point fit error (stars)")
         h["PHOTNSTR"] = (int(zp.n_used), "stars used for the zero point")
+        h["APCORR"] = (round(float(ph.apcorr), 5), f"aperture correction, {ph.apcorr_n} stars")
+        h["APCORERR"] = (round(float(apc_rel * ph.apcorr), 5), "its 1-sigma error")
         if selfref:
             # relative to the reference frame of this target and filter: scaled, not calibrated
             h["PHOTCAL"] = (False, "uncalibrated: relative to PHOTREF")

@@ -39,6 +39,9 @@ __all__ = [
     "ZeroPoint",
     "RelativeScale",
     "aperture_photometry",
+    "aperture_correction",
+    "growth_ratios",
+    "combine_growth_ratios",
     "instrumental_mag",
     "zero_point",
     "relative_scale",
@@ -143,7 +146,9 @@ def aperture_photometry(data, unc, mask, positions_xy, *, r_ap: float, r_in: flo
 
         ``x``, ``y`` (px); ``flux`` (e-, background subtracted); ``flux_err``
         (e-); ``bkg`` (e- per px, annulus level); ``bkg_std`` (e- per px,
-        clipped scatter, clip-corrected); ``n_bkg`` (annulus pixels used);
+        clipped scatter, clip-corrected); ``bkg_err`` (e- per px, 1-sigma error
+        of the level ``bkg``: ``sqrt(c s_b^2 / n_bkg)``, Notes); ``n_bkg``
+        (annulus pixels used);
         ``area`` (px^2, good-pixel area of the aperture); ``npix_bad`` (number of
         bad pixels overlapping the aperture); ``flags`` (:data:`FLAG_BADPIX`,
         :data:`FLAG_SATURATED`, :data:`FLAG_EDGE`, :data:`FLAG_BKG`,
@@ -277,12 +282,15 @@ def aperture_photometry(data, unc, mask, positions_xy, *, r_ap: float, r_in: flo
     t["flux_err"] = flux_err
     t["bkg"] = bkg
     t["bkg_std"] = bstd
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t["bkg_err"] = np.sqrt(cfac * bvar / nbkg)
     t["n_bkg"] = nbkg
     t["area"] = area
     t["npix_bad"] = npix_bad
     t["flags"] = flags
     for c, u in (("x", "pix"), ("y", "pix"), ("flux", "electron"), ("flux_err", "electron"),
-                 ("bkg", "electron / pix"), ("bkg_std", "electron / pix"), ("area", "pix2")):
+                 ("bkg", "electron / pix"), ("bkg_std", "electron / pix"),
+                 ("bkg_err", "electron / pix"), ("area", "pix2")):
         t[c].unit = u
     t.meta.update({"R_AP": float(r_ap), "R_IN": float(r_in), "R_OUT": float(r_out),
                    "CLIPSIG": float(clip_sigma), "BKGSTAT": bkg_stat})
@@ -873,15 +881,119 @@ def limiting_mag(sky_rms_e, fwhm_px, zp, exptime, nsigma: float = 5.0, *,
     return zp - 2.5 * np.log10(sig / f / float(exptime))
 
 
+def growth_ratios(data, unc, mask, positions_xy, *, r_ap: float, r_big: float, r_in: float,
+                  r_out: float, snr_min: float = 20.0, small=None, n_cand: int | None = 240):
+    """Ratios ``flux(r_big) / flux(r_ap)`` of the brighter clean stars, with their errors.
+
+    Parameters
+    ----------
+    data, unc, mask
+        Image (e-), uncertainty (e-), bitmask (as :func:`aperture_photometry`).
+    positions_xy : ndarray (n, 2)
+        Star positions, zero-based px.
+    r_ap, r_big, r_in, r_out : float
+        Measuring aperture, large aperture and the background annulus [px]; the annulus
+        must lie outside ``r_big``.
+    snr_min : float
+        Minimum signal-to-noise ratio of a star in the large aperture.
+    small : astropy.table.Table, optional
+        :func:`aperture_photometry` of ``positions_xy`` at ``r_ap`` with this annulus,
+        ``bkg_stat='mean'`` and this mask, when the caller has it already (the t step,
+        the stack catalogue): used instead of measuring again.
+    n_cand : int or None
+        Only the ``n_cand`` brightest clean stars of the small aperture are measured in
+        the large one (thousands of faint stars would not count); None: all.
+
+    Returns
+    -------
+    ratio, ratio_err : ndarray
+        Per qualifying star (both apertures unflagged, positive small flux, large flux
+        at least ``snr_min`` times its error), brightest first; dimensionless.
+
+    Notes
+    -----
+    ``F1 = S1 - b A1`` and ``F2 = S2 - b A2`` share the background level ``b`` and the
+    pixels of the small aperture, so the error of ``F2 / F1 = 1 + (F2 - F1) / F1`` is
+    that of ``F2 - F1`` (the pixels of the ring between the apertures and
+    ``(A2 - A1) b_err``) over ``F1``, the small aperture's own noise entering only at
+    second order: ``var(F2 - F1) = (err2^2 - A2^2 b_err^2) - (err1^2 - A1^2 b_err^2)
+    + (A2 - A1)^2 b_err^2`` from the two tables (``b_err`` = ``bkg_err``).
+    """
+    xy = np.asarray(positions_xy, float).reshape(-1, 2)
+    if len(xy) == 0:
+        return np.zeros(0), np.zeros(0)
+    if small is None:
+        small = aperture_photometry(data, unc, mask, xy, r_ap=r_ap, r_in=r_in, r_out=r_out,
+                                    bkg_stat="mean")
+    elif len(small) != len(xy):
+        raise ValueError(f"small has {len(small)} rows for {len(xy)} positions")
+    f1 = np.asarray(small["flux"], float)
+    with np.errstate(invalid="ignore"):
+        cand = np.flatnonzero((np.asarray(small["flags"]) == 0) & (f1 > 0))
+    cand = cand[np.argsort(-f1[cand], kind="stable")]
+    if n_cand is not None:
+        cand = cand[:int(n_cand)]
+    if cand.size == 0:
+        return np.zeros(0), np.zeros(0)
+    big = aperture_photometry(data, unc, mask, xy[cand], r_ap=r_big, r_in=r_in, r_out=r_out,
+                              bkg_stat="mean")
+    f1 = f1[cand]
+    f2, e2 = np.asarray(big["flux"], float), np.asarray(big["flux_err"], float)
+    e1 = np.asarray(small["flux_err"], float)[cand]
+    be = np.asarray(big["bkg_err"], float)
+    a1, a2 = np.asarray(small["area"], float)[cand], np.asarray(big["area"], float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = (np.asarray(big["flags"]) == 0) & (f2 >= snr_min * e2)
+        var = (e2 ** 2 - (a2 * be) ** 2) - (e1 ** 2 - (a1 * be) ** 2) + ((a2 - a1) * be) ** 2
+        ratio = f2 / f1
+        err = np.sqrt(np.maximum(var, 0.0)) / f1
+    ok &= np.isfinite(ratio) & (err > 0)
+    return ratio[ok], err[ok]
+
+
+def combine_growth_ratios(ratio, ratio_err, *, nmax: int | None = None, min_stars: int = 3):
+    """Aperture correction from growth ratios: clipped inverse-variance weighted mean.
+
+    Parameters
+    ----------
+    ratio, ratio_err : array_like
+        From :func:`growth_ratios` (possibly several detectors' concatenated).
+    nmax : int, optional
+        Use only the ``nmax`` ratios with the smallest errors.
+    min_stars : int
+        Fewer usable ratios gives ``(1.0, nan, n)``.
+
+    Returns
+    -------
+    factor, error, n : float, float, int
+        The correction (multiply aperture fluxes by it), its 1-sigma error (the formal
+        error inflated by the Birge ratio when the ratios scatter more than their errors,
+        e.g. from neighbours in the large aperture), the stars used after 3-sigma
+        clipping (as :func:`zero_point`).
+    """
+    r = np.asarray(ratio, float)
+    e = np.asarray(ratio_err, float)
+    if nmax is not None and r.size > nmax:
+        keep = np.argsort(e, kind="stable")[:int(nmax)]
+        r, e = r[keep], e[keep]
+    mu, err, n, _, _, _ = _clipped_weighted_mean(r, e, clip_sigma=3.0, max_iter=5,
+                                                 min_stars=min_stars)
+    if not math.isfinite(mu):
+        return 1.0, float("nan"), int(n)
+    return float(mu), float(err), int(n)
+
+
 def aperture_correction(data, unc, mask, positions_xy, *, r_ap: float, r_big: float,
-                        r_in: float, r_out: float, snr_min: float = 50.0, nmax: int = 60,
-                        small=None, n_cand: int | None = None):
+                        r_in: float, r_out: float, snr_min: float = 20.0, nmax: int = 100,
+                        small=None, n_cand: int | None = 240):
     """Multiplicative correction from an aperture of radius ``r_ap`` to total flux.
 
-    Measured on the brightest clean stars as the clipped median of
-    ``flux(r_big) / flux(r_ap)`` (``r_big`` large enough to hold all but a negligible
-    part of the PSF, e.g. 4 x FWHM). Returns ``(factor, error, n_stars)``; ``(1.0, nan, 0)``
-    when fewer than 3 stars qualify.
+    Measured on the brighter clean stars as the clipped, inverse-variance weighted mean
+    of ``flux(r_big) / flux(r_ap)`` (``r_big`` large enough to hold all but a small part
+    of the PSF, e.g. 4 x FWHM): :func:`growth_ratios` then :func:`combine_growth_ratios`.
+    Returns ``(factor, error, n_stars)``; ``(1.0, nan, n)`` when fewer than 3 stars
+    qualify.  Several detectors of one exposure share the seeing: combine their
+    :func:`growth_ratios` instead (the t step does).
 
     Parameters
     ----------
@@ -895,48 +1007,22 @@ def aperture_correction(data, unc, mask, positions_xy, *, r_ap: float, r_big: fl
     snr_min : float
         Minimum signal-to-noise ratio in the large aperture.
     nmax : int
-        At most this many stars (the brightest in the large aperture) are used.
+        At most this many stars (those with the most precise ratios) are used.
     small : astropy.table.Table, optional
-        The :func:`aperture_photometry` of ``positions_xy`` at ``r_ap`` with this annulus,
-        ``bkg_stat='mean'`` and this mask, when the caller has it already (the t step,
-        the stack catalogue): it is used instead of being measured again.
-    n_cand : int, optional
-        Only the ``n_cand`` brightest clean stars of the small aperture are measured in
-        the large one (default ``4 * nmax``): the ``nmax`` brightest in the large
-        aperture are among them, and thousands of faint stars are not measured for
-        nothing.
+        The small-aperture photometry if already measured (:func:`growth_ratios`).
+    n_cand : int or None
+        Stars measured in the large aperture (:func:`growth_ratios`).
 
     Notes
     -----
-    Stars qualify when both apertures are unflagged, the small flux is positive and the
-    large one reaches ``snr_min`` times its error.  Error of the factor:
-    ``1.2533 std(ratios) / sqrt(n)`` (the standard error of a median).
+    Until this version the factor was the median of the ratios of the (at most 60)
+    stars with ``S/N >= 50`` and 1.0 with fewer than 3 of them: on the simulator's
+    sparse fields one detector often had only 1-2 such stars, its factor fell back to
+    1.0 where 1.02-1.03 was right, and frame zero points came out 1-3 % off with a
+    quoted error of 0.1-0.2 %.  The weighted mean of every star above ``S/N = 20``
+    keeps 3-10 times more stars at the same precision for the bright ones.
     """
-    from astropy.stats import sigma_clip
-    xy = np.asarray(positions_xy, float).reshape(-1, 2)
-    if len(xy) == 0:
-        return 1.0, float("nan"), 0
-    if small is None:
-        small = aperture_photometry(data, unc, mask, xy, r_ap=r_ap, r_in=r_in, r_out=r_out,
-                                    bkg_stat="mean")
-    elif len(small) != len(xy):
-        raise ValueError(f"small has {len(small)} rows for {len(xy)} positions")
-    f1 = np.asarray(small["flux"], float)
-    with np.errstate(invalid="ignore"):
-        cand = np.flatnonzero((np.asarray(small["flags"]) == 0) & (f1 > 0))
-    n_cand = 4 * int(nmax) if n_cand is None else int(n_cand)
-    cand = cand[np.argsort(-f1[cand], kind="stable")][:n_cand]
-    if cand.size == 0:
-        return 1.0, float("nan"), 0
-    big = aperture_photometry(data, unc, mask, xy[cand], r_ap=r_big, r_in=r_in, r_out=r_out,
-                              bkg_stat="mean")
-    f2, e2 = np.asarray(big["flux"], float), np.asarray(big["flux_err"], float)
-    with np.errstate(invalid="ignore"):
-        ok = (np.asarray(big["flags"]) == 0) & (f2 > snr_min * e2)
-    idx = np.where(ok)[0]
-    idx = idx[np.argsort(-f2[idx])][:nmax]
-    if idx.size < 3:
-        return 1.0, float("nan"), int(idx.size)
-    ratio = sigma_clip(f2[idx] / f1[cand][idx], sigma=3.0, maxiters=5)
-    good = np.asarray(ratio.compressed())
-    return float(np.median(good)), float(1.2533 * np.std(good) / np.sqrt(good.size)), int(good.size)
+    ratio, err = growth_ratios(data, unc, mask, positions_xy, r_ap=r_ap, r_big=r_big,
+                               r_in=r_in, r_out=r_out, snr_min=snr_min, small=small,
+                               n_cand=n_cand)
+    return combine_growth_ratios(ratio, err, nmax=nmax)
