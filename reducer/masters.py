@@ -122,8 +122,11 @@ class RawDetector:
     overscan: dict
     saturate: float | None
 
-    def load(self):
-        """Trimmed, overscan-subtracted float32 image (ADU) and its saturation mask."""
+    def load(self, with_level: bool = False):
+        """Trimmed, overscan-subtracted float32 image (ADU) and its saturation mask; with
+        ``with_level`` also the overscan level subtracted (ADU, the median of its model over
+        the lines; 0.0 without an overscan section), e.g. to put the raw saturation level
+        on the scale of the image."""
         from astropy.io import fits
         from .ops.overscan import subtract_overscan
         import warnings
@@ -132,10 +135,12 @@ class RawDetector:
             with fits.open(self.path, memmap=False) as hdul:
                 raw = np.asarray(hdul[self.hdu].data)
         trim = self.sections["trimsec"]
-        img, _ = subtract_overscan(raw, self.sections["biassec"], trim, **self.overscan)
+        img, lv = subtract_overscan(raw, self.sections["biassec"], trim, **self.overscan)
         mask = None
         if self.saturate is not None:
             mask = raw[trim] >= self.saturate
+        if with_level:
+            return img, mask, (float(np.median(lv)) if lv is not None else 0.0)
         return img, mask
 
 

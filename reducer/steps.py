@@ -131,7 +131,7 @@ def run_prepare(night_dir: str, filename: str, out: str) -> bool:
         product = Product(_base_header(night, frame, "prepare", [night.raw_dir / filename],
                                        [c.header_entry() for k, c in used.items() if k != "flat"]))
         for det, rd in zip(night.profile.detectors, dets):
-            raw_os, sat = rd.load()
+            raw_os, sat, ov_level = rd.load(with_level=True)
             gain, rn = det.gain or 1.0, det.rdnoise or 0.0
             kw = {}
             if "bias" in used:
@@ -148,8 +148,11 @@ def run_prepare(night_dir: str, filename: str, out: str) -> bool:
             dh["GAINORIG"] = (gain, "[e-/ADU] gain applied")
             dh["RDNOISE"] = (rn, "[e-] read noise")
             if det.saturate:
-                level = float(np.nanmedian(kw["bias"])) if "bias" in kw else 0.0
-                dh["SATURATE"] = ((det.saturate - level) * gain, "[e-] saturation (approx.)")
+                # the raw saturation level (ADU) minus what was subtracted from the raw
+                # values: the overscan level and the master bias (medians)
+                level = ov_level + (float(np.nanmedian(kw["bias"])) if "bias" in kw else 0.0)
+                dh["SATURATE"] = ((det.saturate - level) * gain,
+                                  "[e-] saturation after overscan and bias")
             product.detectors[det.name] = Detector(data, unc, mask, dh)
         write_product(product, Path(out))
     except (StepError, ValueError, OSError) as exc:

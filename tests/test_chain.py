@@ -89,6 +89,23 @@ def test_saturated_stars_are_masked(night):
                         assert mask[int(round(y)), int(round(x))] & SATURATED
 
 
+def test_saturate_is_on_the_product_scale(night):
+    """SATURATE [e-] in the p product is the raw saturation level minus the overscan level
+    and the master bias, times the gain: saturated pixels read that value (before, the
+    overscan level was left in and SATURATE came out ~1.5 % high)."""
+    sim, nd = night["sim"], night["dir"]
+    fr = next(f for f in sim.truth["frames"] if f["type"] == "science")
+    with fits.open(nd / "FIELD-A" / f"p{raw_stem(fr['file'])}.fits") as h:
+        for det in ("CCD1", "CCD2"):
+            data, mask, hd = h[det].data, h[f"{det}_MASK"].data, h[det].header
+            sat = (mask & SATURATED) != 0
+            assert sat.sum() > 20
+            assert np.median(data[sat]) == pytest.approx(hd["SATURATE"], rel=2e-3)
+            t = sim.truth["detectors"][det]
+            ovl = t["bias_level"] + fr["detectors"][det]["overscan"]["mean"]
+            assert hd["SATURATE"] < (t["saturate"] - ovl + 50) * hd["GAINORIG"]
+
+
 @pytest.mark.parametrize("gain,rn,t", [(1.5, 6.0, 120.0), (2.0, 4.0, 30.0)])
 def test_prepare_and_flatten_numbers(gain, rn, t):
     """Known signal in, known electrons and uncertainty out; inputs untouched."""
