@@ -163,7 +163,8 @@ def make_frame(nx: int, ny: int, seed: int, n_stars: int = 3000, n_cosmics: int 
     return dict(
         raw_os=raw_os, saturated=saturated, bias=m_bias, bias_unc=bias_unc, dark=m_dark,
         dark_unc=dark_unc, flat=m_flat, flat_unc=flat_unc, defects=defects, catalog=cat,
-        gain=gain, rdnoise=rn, exptime=exptime, saturate_adu=sat_adu, scale=scale,
+        gain=gain, rdnoise=rn, exptime=exptime, saturate_adu=sat_adu, overscan_adu=overscan,
+        scale=scale,
         ra_h=ra_h, dec_h=dec_h,
         truth=dict(ra=ra0, dec=dec0, zp=zp_true, fwhm_arcsec=fwhm * scale, beta=beta,
                    alpha_px=alpha, n_stars_frame=int(np.count_nonzero(
@@ -297,8 +298,8 @@ def run_chain(fr: dict, night, probe: Probe) -> tuple[dict, dict, object]:
     dh["GAIN"] = (1.0, "e-/e-: data are in electrons")
     dh["GAINORIG"] = (fr["gain"], "[e-/ADU] gain applied")
     dh["RDNOISE"] = (fr["rdnoise"], "[e-] read noise")
-    level = float(np.nanmedian(fr["bias"]))
-    dh["SATURATE"] = ((fr["saturate_adu"] - level) * fr["gain"], "[e-] saturation (approx.)")
+    level = fr["overscan_adu"] + float(np.nanmedian(fr["bias"]))   # as run_prepare
+    dh["SATURATE"] = ((fr["saturate_adu"] - level) * fr["gain"], "[e-] saturation after overscan and bias")
     prod = Product(h, {DET: Detector(data, unc, mask, dh)})
     times["p"], cpu["p"] = time.perf_counter() - t0, time.process_time() - c0
 
