@@ -106,6 +106,15 @@ def test_saturate_is_on_the_product_scale(night):
             assert hd["SATURATE"] < (t["saturate"] - ovl + 50) * hd["GAINORIG"]
 
 
+def test_fwhm_header_is_the_true_seeing(night):
+    """t frames: FWHM [arcsec] within 5 % of the simulator's Moffat FWHM (a Gaussian fit
+    read 13 % high)."""
+    sim, nd = night["sim"], night["dir"]
+    for fr in (f for f in sim.truth["frames"] if f["type"] == "science"):
+        h = fits.getheader(nd / "FIELD-A" / f"tazsfp{raw_stem(fr['file'])}.fits")
+        assert h["FWHM"] == pytest.approx(fr["fwhm"], rel=0.05), (h["FWHM"], fr["fwhm"], fr["beta"])
+
+
 @pytest.mark.parametrize("gain,rn,t", [(1.5, 6.0, 120.0), (2.0, 4.0, 30.0)])
 def test_prepare_and_flatten_numbers(gain, rn, t):
     """Known signal in, known electrons and uncertainty out; inputs untouched."""

@@ -343,6 +343,19 @@ def test_fwhm_estimate(gauss_field):
     assert fw == pytest.approx(g["fwhm"], rel=0.03)
 
 
+@pytest.mark.parametrize("fwhm,beta", [(3.0, 3.0), (2.4, 2.8), (4.0, 4.5)])
+def test_fwhm_estimate_moffat_stars(fwhm, beta):
+    """The simulator's Moffat stars: the profile's FWHM within 3 % (a Gaussian fit read
+    beta = 3 stars 13 % wide)."""
+    from reducer.testing import _render_stars
+    rng = np.random.default_rng(int(10 * fwhm))
+    xs, ys = grid_stars(rng, 8, 25, 375)
+    model = _render_stars(400, 400, xs, ys, 10 ** rng.uniform(4.0, 5.5, xs.size), fwhm, beta)
+    img, _ = observe(model + 800.0, rng)
+    fw = P.fwhm_estimate(img - 800.0, np.c_[xs, ys])
+    assert fw == pytest.approx(fwhm, rel=0.03)
+
+
 def test_limiting_mag_is_nsigma():
     """Stars injected at the limiting magnitude are measured at S/N = 5 in the documented aperture."""
     rng = np.random.default_rng(3)

@@ -687,13 +687,17 @@ def fwhm_estimate(data, positions, *, mask=None, box: int = 15, nmax: int = 30,
 
     Notes
     -----
-    Each star's box is cut out, the median of its border pixels is subtracted
-    and a circular Gaussian PRF is fitted (photutils ``fit_fwhm``).  For
-    non-Gaussian (e.g. Moffat) profiles this is the FWHM of the best-fitting
-    Gaussian over the box, close to but not exactly the profile's FWHM.
+    Each star's box is cut out, the median of its border pixels is subtracted and a
+    circular Moffat profile ``A (1 + r^2 / alpha^2)^-beta`` with free centre, ``alpha``
+    and ``beta`` (1.05-60), integrated over the pixels (5 x 5 samples per pixel), is
+    fitted by least squares (:func:`_moffat_fwhm`); ``FWHM = 2 alpha sqrt(2^(1/beta) - 1)``
+    is the profile's own FWHM, before pixelisation.  A Gaussian fit (photutils
+    ``fit_fwhm``, used before) reads Moffat stars too wide: +13 % for beta = 3 (2.04" for
+    a true 1.80"), since it widens to follow the wings; the Moffat tends to a Gaussian
+    as beta grows, so Gaussian stars are measured too.  Measured (30 stars, S/N 30-300):
+    Moffat beta = 3 at FWHM 2.5 / 3.0 px: +0.6 % / +0.1 %; beta = 2.7 at 1.9 px: +2 %;
+    Gaussian 2.2 / 3.5 px: +0.1 % / -0.5 %.
     """
-    from photutils.psf import fit_fwhm
-
     data = np.asarray(data, dtype=float)
     pos = _positions(positions)
     box = int(box) | 1
@@ -718,25 +722,54 @@ def fwhm_estimate(data, positions, *, mask=None, box: int = 15, nmax: int = 30,
         peak = float(cut[h - 1:h + 2, h - 1:h + 2].max()) - lev
         if not (sd > 0) or peak / sd < min_snr:
             continue
-        cands.append((peak, x - (ix - h), y - (iy - h), cut - lev))
+        cands.append((peak, x - (ix - h), y - (iy - h), cut - lev, sd))
     if not cands:
         return float("nan")
     cands.sort(key=lambda c: -c[0])
-    cands = cands[: int(nmax)]
-    # one fit_fwhm call for all the stars: their boxes side by side in a mosaic, each
-    # star's fitting region exactly its box (the per-call overhead of photutils' PSF
-    # photometry is most of the cost of one small fit)
-    mos = np.zeros((box, box * len(cands)))
-    xy = []
-    for k, (_peak, cx, cy, sub) in enumerate(cands):
-        mos[:, k * box:(k + 1) * box] = sub
-        xy.append((cx + k * box, cy))
-    try:
-        fw = np.atleast_1d(np.asarray(fit_fwhm(mos, xypos=xy, fit_shape=box), float))
-    except Exception:  # noqa: BLE001 - a failed fit gives no estimate
-        return float("nan")
-    vals = [v for v in fw if math.isfinite(v) and 0.5 < v < box]
+    vals = [_moffat_fwhm(sub, cx, cy, sigma=sd) for _p, cx, cy, sub, sd in cands[: int(nmax)]]
+    vals = [v for v in vals if math.isfinite(v) and 0.5 < v < box]
     return float(np.median(vals)) if vals else float("nan")
+
+
+#: Upper bound of the Moffat beta in :func:`_moffat_fwhm` (a Gaussian in practice).
+_BETA_MAX = 60.0
+
+
+def _moffat_fwhm(sub, cx: float, cy: float, *, sigma: float = 1.0, nsub: int = 5) -> float:
+    """FWHM [px] of a pixel-integrated circular Moffat fitted to a background-subtracted
+    square box ``sub`` with the star near ``(cx, cy)`` (box pixels); NaN if the fit fails.
+
+    Uniform weights ``sigma`` (the sky noise): the core and the half-maximum radius carry
+    the fit.  Parameters: amplitude, centre (within 2 px of the guess), ``ln alpha`` and
+    ``beta`` in ``[1.05, 60]``.
+    """
+    from scipy.optimize import least_squares
+
+    n = sub.shape[0]
+    off = (np.arange(nsub) + 0.5) / nsub - 0.5
+    yy, xx = np.mgrid[0:n, 0:n].astype(float)
+    X = (xx[:, :, None, None] + off[None, None, None, :]).reshape(n, n, -1)
+    Y = (yy[:, :, None, None] + off[None, None, :, None]).reshape(n, n, -1)
+    d = np.asarray(sub, float).ravel()
+    peak = max(float(np.max(sub)), 1e-9)
+    s = float(sigma) if sigma > 0 else 1.0
+
+    def resid(p):
+        amp, x0, y0, la, beta = p
+        r2 = ((X - x0) ** 2 + (Y - y0) ** 2) * math.exp(-2.0 * la)
+        return (amp * np.mean((1.0 + r2) ** (-beta), axis=2).ravel() - d) / s
+
+    lo = [0.0, cx - 2.0, cy - 2.0, math.log(0.3), 1.05]
+    hi = [np.inf, cx + 2.0, cy + 2.0, math.log(float(n)), _BETA_MAX]
+    try:
+        r = least_squares(resid, [peak, cx, cy, math.log(1.5), 3.0], bounds=(lo, hi),
+                          x_scale=[peak, 0.1, 0.1, 0.1, 0.5])
+    except ValueError:   # a degenerate box (e.g. all zero)
+        return float("nan")
+    if not r.success:
+        return float("nan")
+    _amp, _x0, _y0, la, beta = r.x
+    return 2.0 * math.exp(la) * math.sqrt(2.0 ** (1.0 / beta) - 1.0)
 
 
 def gaussian_enclosed_fraction(r, fwhm, *, pixelated: bool = False):
@@ -747,8 +780,8 @@ def gaussian_enclosed_fraction(r, fwhm, *, pixelated: bool = False):
     r : float or array_like
         Aperture radius, px.
     fwhm : float
-        Gaussian FWHM, px (of the optical PSF, as fitted with a pixel-integrated
-        model, e.g. by :func:`fwhm_estimate`).
+        Gaussian FWHM, px (of the optical PSF, before pixelisation, e.g. from
+        :func:`fwhm_estimate`).
     pixelated : bool
         False: the continuous profile, ``1 - exp(-r^2 / (2 sigma^2))`` with
         ``sigma = fwhm / (2 sqrt(2 ln 2))``.  True: the fraction an exact-overlap
