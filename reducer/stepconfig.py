@@ -12,15 +12,24 @@ from pathlib import Path
 
 def step_digest(night, step: str) -> str:
     """Digest of what a step's result depends on among the settings: its own table, and the
-    reference catalogue and quality limits for the a and t steps."""
+    reference catalogue and quality limits for the a and t steps.
+
+    ``[targets]`` (a target's coordinates) is not in it: it concerns one target, whose tasks
+    have :func:`target_settings` as an uptodate of their own, so giving one target's
+    coordinates rebuilds that target's tasks only."""
     if step in ("astrometry", "zeropoint"):
         return night.digest(step, night.settings.get("catalog", {}), night.settings.get("limits", {}),
-                            night.settings.get("photometry", {}), night.settings.get("targets", {}),
-                            catalog_stamp(night))
+                            night.settings.get("photometry", {}), catalog_stamp(night))
     if step in ("stack", "photometry"):
-        return night.digest(step, night.settings.get("targets", {}), night.settings.get("catalog", {}),
-                            catalog_stamp(night))
+        return night.digest(step, night.settings.get("catalog", {}), catalog_stamp(night))
     return night.digest(step)
+
+
+def target_settings(night, names) -> dict:
+    """The ``[targets]`` entries (coordinates given in night.toml) of some OBJECT values or
+    target names: what one target's astrometry, stacks and light curves depend on there."""
+    tg = night.settings.get("targets", {})
+    return {n: tg[n] for n in sorted(set(names)) if n in tg}
 
 
 def catalog_stamp(night) -> str:

@@ -1,6 +1,7 @@
 """Incremental nights through real doit runs: new frames build only themselves and what
-they feed; a stage's settings in night.toml rebuild that stage and what follows; a dropped
-frame rebuilds only what it fed."""
+they feed; a stage's settings in night.toml rebuild that stage and what follows; a target's
+coordinates rebuild only that target's stacks and light curves; a dropped frame rebuilds
+only what it fed."""
 from __future__ import annotations
 
 import re
@@ -68,6 +69,18 @@ def test_a_stage_setting_rebuilds_that_stage_and_what_follows(night):
     assert executed(r.stdout) == want
     # nothing earlier: no inventory, no masters, no p or f
     assert not any(t.startswith(("inventory", "calib", "prepare", "flatten")) for t in executed(r.stdout))
+    assert executed(doit(nd, "science").stdout) == set()
+
+
+def test_one_targets_coordinates_rebuild_only_its_stack_and_light_curve(night):
+    """[targets."FIELD-B"] in night.toml (the observer's coordinates of the target): its
+    target photometry changes, nothing of FIELD-A; the frames have a header pointing, so
+    their astrometry does not depend on it."""
+    nd = night["dir"]
+    toml = nd / "night.toml"
+    toml.write_text(toml.read_text() + '\n[targets."FIELD-B"]\nra = 150.1\ndec = 2.2\n')
+    r = doit(nd, "science")
+    assert executed(r.stdout) == {"stack:FIELD-B_r", "lightcurve:FIELD-B_r", "science:_report"}
     assert executed(doit(nd, "science").stdout) == set()
 
 

@@ -48,6 +48,18 @@ def _task_digest(night, step: str) -> str:
     return memo[step]
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and x == x and x not in (float("inf"), float("-inf"))
+
+
+def _target_uptodate(night, names):
+    """doit uptodate on the ``[targets]`` entries of these OBJECTs / target names: saved with
+    the task, so editing one target's coordinates rebuilds only that target's tasks."""
+    from doit.tools import config_changed
+    from ..stepconfig import target_settings
+    return config_changed(target_settings(night, names))
+
+
 def product_path(night, frame, prefix: str) -> Path:
     # one path parse, not three: ~3000 calls at every doit start (frame.target has no "/")
     return Path(os.path.join(night.dir, frame.target, f"{prefix}{raw_stem(frame.file)}.fits"))
@@ -134,9 +146,13 @@ def frame_tasks(night, sets, frame, extra_deps=None):
             deps = [str(prev)]
             action = (RUNNERS[step], [str(night.dir), frame.file, str(prev), str(out)])
         deps = deps + [str(p) for p in extra_deps.get(step, ())]
+        uptodate = [DigestUnchanged(_task_digest(night, name))]
+        if step == "a" and not (_finite(frame.ra) and _finite(frame.dec)):
+            # the target's coordinates in night.toml are its pointing when the header has none
+            uptodate.append(_target_uptodate(night, [frame.object]))
         tasks.append({
             "basename": name, "name": stem, "actions": [action], "file_dep": deps,
-            "targets": [str(out)], "uptodate": [DigestUnchanged(_task_digest(night, name))],
+            "targets": [str(out)], "uptodate": uptodate,
             "clean": True, "doc": f"{name} {frame.file}",
         })
         prev = out
@@ -299,6 +315,7 @@ def make_task_generator(night):
                "doc": "every science target through the chain (science:TARGET for one)"}
         by_target: dict = {}
         groups: dict = {}
+        objects: dict = {}
         yield {"basename": "fieldref", "name": None,
                "doc": "without a catalogue: one frame per target as its astrometric and flux reference"}
         sci = science_frames(frames)
@@ -309,6 +326,7 @@ def make_task_generator(night):
             by_target.setdefault(fr.target, []).append(f"{tasks[-1]['basename']}:{tasks[-1]['name']}")
             if last.name.startswith("t"):
                 groups.setdefault((fr.target, fr.filter), []).append(str(last))
+                objects.setdefault(fr.target, set()).add(fr.object)
             yield from tasks
         yield {"basename": "stack", "name": None,
                "doc": "stack, catalogue and target magnitude per target and filter"}
@@ -324,7 +342,8 @@ def make_task_generator(night):
                    # the JSON is always written (the target's magnitude, or why nothing was
                    # stacked); the FITS and the catalogue only when frames were usable
                    "targets": [str(out.with_suffix(".json"))],
-                   "uptodate": [DigestUnchanged(step_digest(night, "stack"))],
+                   "uptodate": [DigestUnchanged(step_digest(night, "stack")),
+                                _target_uptodate(night, [target, *objects[target]])],
                    "clean": [(remove_files, [[str(out), str(out.with_suffix(".ecsv")),
                                                str(out.with_suffix(".json"))]])],
                    "doc": f"stack of {target} in {filt} ({len(paths)} frames)"}
@@ -334,7 +353,8 @@ def make_task_generator(night):
                 yield {"basename": "lightcurve", "name": name, "file_dep": paths,
                        "actions": [(run_lightcurve, [str(night.dir), paths, str(lc)])],
                        "targets": [str(lc.with_suffix(".json"))],
-                       "uptodate": [DigestUnchanged(step_digest(night, "photometry"))],
+                       "uptodate": [DigestUnchanged(step_digest(night, "photometry")),
+                                    _target_uptodate(night, [target, *objects[target]])],
                        "clean": [(remove_files, [[str(lc), str(lc.with_suffix(".png")),
                                                    str(lc.with_suffix(".json"))]])],
                        "doc": f"light curve of {target} in {filt}"}
