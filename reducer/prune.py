@@ -112,9 +112,9 @@ def chain_digest(night, steps: list, deps: list) -> str:
     -------
     str
         16 hex digits over the steps, each step's settings digest
-        (:func:`reducer.steps.step_digest`) and each file's size and modification time (ns).
+        (:func:`reducer.stepconfig.step_digest`) and each file's size and modification time (ns).
     """
-    from .steps import step_digest
+    from .stepconfig import step_digest
     files = []
     for d in sorted(deps):
         try:
