@@ -5,6 +5,7 @@ Usage::
 
     python bench/night.py [--part noop|parallel|both] [--workdir DIR] [--repeat 7]
                           [--par-repeat 2] [--configs 1x1,2x1,1x2,2x2] [--keep]
+                          [--wait-quiet SECONDS] [--quiet CPUS]
 
 (a) **no-op** (``--part noop``). A seeded synthetic night of the demo camera
     (:func:`reducer.testing.make_night`) with small frames (``--noop-shape``, default
@@ -36,10 +37,18 @@ Usage::
     curves, report), timed. Configurations are run in rounds (``--par-repeat``), the order
     rotated each round so that no configuration always runs first or last while the load of
     the machine changes. Per configuration: each wall time, the median, the CPU time, the
-    load average, and from the night's task log (``logs/tasks.jsonl``) the phases: the
-    time until the last master is done (inventory and calib: serial before any science
-    task, since the science tasks are made after ``calib``), and the time after the last
-    frame's chain (stacks, light curves, report).
+    CPUs it got (CPU time / wall time: 2 processes cannot beat 1 by more than the ratio of
+    the CPUs they got, on a machine others use too), the load average during the runs, and
+    from the night's task log (``logs/tasks.jsonl``) the phases: the time until the last
+    master is done (inventory and calib: serial before any science task, since the science
+    tasks are made after ``calib``), the time after the last frame's chain (stacks, light
+    curves, report), and the share of the run during which 2 or more tasks ran at once.
+
+The machine may be shared: Linux schedules each session as one group (autogroup), so while
+another user's session keeps a CPU busy this benchmark gets about one CPU however many
+processes it runs. ``--wait-quiet SECONDS`` waits before each run (up to that long) until the
+others keep fewer than ``--quiet`` CPUs busy (from /proc/stat); every run prints what the
+others kept busy just before it (``others``) and the CPUs it got (CPU time / wall time).
 
 The last lines: ``no-op doit science: median N.NN s (target < 1 s)``, ``doit -n 2 x 1
 thread vs -n 1 x 1 thread: N.NNx (target >= 1.8x)`` and the fastest configuration.
@@ -149,16 +158,59 @@ def clean_env(threads: int | None = None) -> dict:
     return env
 
 
+def cpus_busy(window: float = 3.0) -> float:
+    """CPUs busy on the machine over ``window`` seconds (/proc/stat: everything but idle and
+    I/O wait), e.g. 1.5 = one and a half CPUs; NaN where /proc/stat is not there."""
+    def read():
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+        return sum(v), v[3] + v[4]
+    try:
+        t0, i0 = read()
+        time.sleep(window)
+        t1, i1 = read()
+    except OSError:
+        return float("nan")
+    return (os.cpu_count() or 1) * (1.0 - (i1 - i0) / max(t1 - t0, 1))
+
+
+def wait_quiet(limit: float, max_wait: float) -> float:
+    """Wait (at most ``max_wait`` s) until the machine's other users keep fewer than ``limit``
+    CPUs busy; the CPUs they kept busy just before returning.
+
+    Linux schedules each session as a group (autogroup): while another session keeps a CPU
+    busy, this one gets about one CPU however many processes it runs, so ``-n 2`` can only
+    show what it does on a machine left to it."""
+    t0 = time.perf_counter()
+    busy = cpus_busy()
+    while busy >= limit and time.perf_counter() - t0 < max_wait:
+        busy = cpus_busy(10.0)
+    return busy
+
+
 def timed(cmd: list, cwd: Path, env: dict) -> dict:
-    """Run ``cmd``; wall time, CPU time (user + system of it and its children), load before."""
+    """Run ``cmd``; wall time, CPU time (user + system of it and its children) and the
+    1-minute load average: before the run, and its mean sampled every second during it."""
+    import threading
     load = os.getloadavg()[0]
+    samples, done = [], threading.Event()
+
+    def sample():
+        while not done.wait(1.0):
+            samples.append(os.getloadavg()[0])
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done.set()
+    th.join()
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return {"wall": wall, "cpu": cpu, "load": load, "rc": p.returncode, "out": p.stdout + p.stderr}
+    return {"wall": wall, "cpu": cpu, "load": load,
+            "load_during": statistics.fmean(samples) if samples else load,
+            "rc": p.returncode, "out": p.stdout + p.stderr}
 
 
 def executed(out: str) -> int | None:
@@ -202,7 +254,9 @@ def part_noop(args, work: Path) -> float:
     listed = timed([PY, "-m", "doit", "list", "--all"], nd, env)
     ntasks = sum(1 for line in listed["out"].splitlines() if line.strip())
     noop, floor = [], []
+    others = []
     for i in range(args.repeat):
+        others.append(wait_quiet(args.quiet, args.wait_quiet) if args.wait_quiet else float("nan"))
         # interleaved: the floor (interpreter + doit import) and the no-op run
         floor.append(timed([PY, "-c", "import doit.doit_cmd"], nd, env))
         r = timed([PY, "-m", "doit", "science"], nd, env)
@@ -213,11 +267,11 @@ def part_noop(args, work: Path) -> float:
         noop.append(r)
     print(f"    doit list --all: {ntasks} tasks listed (delayed ones are not), "
           f"{listed['wall']:.3f} s")
-    print(f"    {'run':>4} {'load':>5} {'no-op wall':>11} {'no-op CPU':>10} {'floor wall':>11} "
-          f"{'floor CPU':>10}")
-    for i, (r, f) in enumerate(zip(noop, floor)):
-        print(f"    {i:4d} {r['load']:5.2f} {r['wall']:10.3f}s {r['cpu']:9.3f}s {f['wall']:10.3f}s "
-              f"{f['cpu']:9.3f}s")
+    print(f"    {'run':>4} {'load':>5} {'others':>6} {'no-op wall':>11} {'no-op CPU':>10} "
+          f"{'floor wall':>11} {'floor CPU':>10}")
+    for i, (r, f, o) in enumerate(zip(noop, floor, others)):
+        print(f"    {i:4d} {r['load']:5.2f} {o:6.2f} {r['wall']:10.3f}s {r['cpu']:9.3f}s "
+              f"{f['wall']:10.3f}s {f['cpu']:9.3f}s")
     med = statistics.median(r["wall"] for r in noop)
     print(f"    no-op wall {stats([r['wall'] for r in noop])}; CPU "
           f"{stats([r['cpu'] for r in noop])}")
@@ -248,6 +302,12 @@ def phases(night_dir: Path) -> dict:
         return {}
     start = min(r[1] for r in rows)
     chain = {"prepare", "flatten", "sky", "cosmics", "astrometry", "zeropoint"}
+    # seconds during which k tasks ran at once
+    events = sorted([(r[1], 1) for r in rows] + [(r[2], -1) for r in rows])
+    k, last, running = 0, start, {}
+    for t, d in events:
+        running[k] = running.get(k, 0.0) + t - last
+        last, k = t, k + d
 
     def end(pred):
         ends = [r[2] for r in rows if pred(r[0])]
@@ -256,7 +316,8 @@ def phases(night_dir: Path) -> dict:
             "chains_done": end(lambda s: s in chain), "all_done": end(lambda s: True),
             "busy": sum(r[3] for r in rows),
             "busy_chain": sum(r[3] for r in rows if r[0] in chain),
-            "busy_after": sum(r[3] for r in rows if r[0] not in chain | {"inventory", "calib"})}
+            "busy_after": sum(r[3] for r in rows if r[0] not in chain | {"inventory", "calib"}),
+            "two_running": sum(v for n, v in running.items() if n >= 2)}
 
 
 def part_parallel(args, work: Path) -> dict:
@@ -283,11 +344,14 @@ def part_parallel(args, work: Path) -> dict:
             nd = make_night_dir(run, raw, catalog, base / "profiles")
             with open(nd / "night.toml", "a") as fh:
                 fh.write(f"\n[doit]\nnum_process = {nproc}\nthreads = {nthr}\n")
+            others = wait_quiet(args.quiet, args.wait_quiet) if args.wait_quiet else cpus_busy()
             r = timed([PY, "-m", "doit", "-n", str(nproc), "science"], nd, clean_env())
-            r.update(phases(nd), executed=executed(r["out"]))
+            r.update(phases(nd), executed=executed(r["out"]), others=others)
             results[(nproc, nthr)].append(r)
             print(f"    round {rnd} {nproc}x{nthr}: {r['wall']:7.1f} s wall, {r['cpu']:7.1f} s CPU, "
-                  f"load {r['load']:.2f}, exit {r['rc']}, {r['executed']} tasks"
+                  f"others {r['others']:.2f} CPUs busy before, load {r['load_during']:.2f} during, "
+                  f"CPUs got {r['cpu'] / r['wall']:.2f}, exit {r['rc']}, "
+                  f"{r['executed']} tasks"
                   + (f"; masters done at {r['calib_done']:.1f} s, chains at "
                      f"{r['chains_done']:.1f} s" if "calib_done" in r else ""), flush=True)
             if r["rc"] != 0:
@@ -295,8 +359,8 @@ def part_parallel(args, work: Path) -> dict:
             if not args.keep:
                 shutil.rmtree(run)
     ref = statistics.median(r["wall"] for r in results[configs[0]])
-    print(f"    {'PxT':>5} {'wall median':>12} {'CPU median':>11} {'speedup':>8} {'load':>10} "
-          f"{'masters done':>13} {'chains done':>12} {'tail':>6}")
+    print(f"    {'PxT':>5} {'wall median':>12} {'CPU median':>11} {'speedup':>8} {'CPUs got':>9} "
+          f"{'load during':>12} {'masters done':>13} {'chains done':>12} {'tail':>6} {'2+ running':>11}")
     med = {}
     for c in configs:
         rs = results[c]
@@ -305,10 +369,12 @@ def part_parallel(args, work: Path) -> dict:
         pcal = statistics.median(r["calib_done"] for r in ph) if ph else float("nan")
         pch = statistics.median(r["chains_done"] for r in ph) if ph else float("nan")
         tail = statistics.median(r["all_done"] - r["chains_done"] for r in ph) if ph else float("nan")
-        loads = [r["load"] for r in rs]
+        loads = [r["load_during"] for r in rs]
+        got = statistics.median(r["cpu"] / r["wall"] for r in rs)
+        two = statistics.median(r["two_running"] / r["all_done"] for r in ph) if ph else float("nan")
         print(f"    {c[0]}x{c[1]:<3} {med[c]:11.1f}s {statistics.median(r['cpu'] for r in rs):10.1f}s "
-              f"{ref / med[c]:7.2f}x {min(loads):4.2f}-{max(loads):4.2f} {pcal:12.1f}s "
-              f"{pch:11.1f}s {tail:5.1f}s")
+              f"{ref / med[c]:7.2f}x {got:9.2f} {min(loads):5.2f}-{max(loads):5.2f} {pcal:12.1f}s "
+              f"{pch:11.1f}s {tail:5.1f}s {100 * two:10.0f}%")
     one = results[configs[0]]
     ph = [r for r in one if "busy" in r]
     if ph:
@@ -344,6 +410,10 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="1x1,2x1,1x2,2x2",
                     help="PxT: doit processes x threads each; the first is the reference")
     ap.add_argument("--keep", action="store_true", help="keep each parallel run's folder")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                    help="before each parallel run wait up to this long for the machine's other "
+                         "users to keep fewer than --quiet CPUs busy (default: do not wait)")
+    ap.add_argument("--quiet", type=float, default=0.3, help="CPUs (default 0.3)")
     args = ap.parse_args(argv)
     work = args.workdir or Path(tempfile.gettempdir()) / "reducer-bench-night"
     work.mkdir(parents=True, exist_ok=True)
