@@ -25,19 +25,27 @@ def _site(args):
     return load_site(getattr(args, "config", None))
 
 
+def _utdate(args, site) -> str | None:
+    """The UT date asked for, else the current observing night of the instrument (at its
+    site); None (after saying why on stderr) when no instrument is known."""
+    if args.utdate:
+        return args.utdate
+    from .instruments import load_profile
+    from .nights import current_night
+    inst = args.instrument or site.data.get("instrument")
+    if not inst:
+        print("reducer: no instrument: pass --instrument NAME or set 'instrument' in "
+              "reducer.toml", file=sys.stderr)
+        return None
+    return current_night(load_profile(inst, site.profiles_dirs).site)
+
+
 def cmd_night(args) -> int:
     from .night import make_night_dir
-    from .nights import current_night
-    from .instruments import load_profile
     site = _site(args)
-    utdate = args.utdate
-    if not utdate:
-        inst = args.instrument or site.data.get("instrument")
-        if not inst:
-            print("reducer: no instrument: pass --instrument NAME or set 'instrument' in "
-                  "reducer.toml", file=sys.stderr)
-            return 2
-        utdate = current_night(load_profile(inst, site.profiles_dirs).site)
+    utdate = _utdate(args, site)
+    if utdate is None:
+        return 2
     res = make_night_dir(site, utdate, raw=args.raw, instrument=args.instrument)
     print(f"night {utdate}: {res.path}")
     for p in res.made:
@@ -132,16 +140,9 @@ def cmd_watch(args) -> int:
     if not args.utdate and not args.raw and (Path.cwd() / NIGHT_TOML).is_file():
         return run_watch(Path.cwd())         # in a night directory: watch it
     site = _site(args)
-    utdate = args.utdate
-    if not utdate:
-        from .instruments import load_profile
-        from .nights import current_night
-        inst = args.instrument or site.data.get("instrument")
-        if not inst:
-            print("reducer: no instrument: pass --instrument NAME or set 'instrument' in "
-                  "reducer.toml", file=sys.stderr)
-            return 2
-        utdate = current_night(load_profile(inst, site.profiles_dirs).site)
+    utdate = _utdate(args, site)
+    if utdate is None:
+        return 2
     res = make_night_dir(site, utdate, raw=args.raw, instrument=args.instrument)
     for p in res.made:
         print(f"night {utdate}: made {p.name} in {res.path}", flush=True)

@@ -27,7 +27,7 @@ STACK_BPP = 18.0         # [byte/px] ~1.5 frames of data, unc, weight
 OVERHEAD = 1.04          # headers and 2880-byte padding
 RAW_BPP = 2.0            # [byte/px] assumed raw pixel size when there is no night log yet
 DEFAULT_MIN_FREE_MB = 500.0
-_STEPS = ("p", "f", "s", "z", "a", "t")
+from .products import STEPS as _STEPS, chain as _chain   # (no numpy: products imports it lazily)
 
 
 class DiskFull(RuntimeError):
@@ -59,15 +59,6 @@ def human(nbytes: float) -> str:
         if abs(nbytes) >= f:
             return f"{nbytes / f:.1f} {unit}"
     return f"{nbytes:.0f} B"
-
-
-def _chain(steps) -> list[str]:
-    out, pre = [], ""
-    for s in _STEPS:
-        if s in steps:
-            pre = s + pre
-            out.append(pre)
-    return out
 
 
 def _pixels(frame) -> int:
