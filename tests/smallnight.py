@@ -8,7 +8,9 @@ runs in about 15 s on 2 cores.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import run_cli
@@ -124,3 +126,16 @@ def doit(nd: Path, *args: str, env: dict | None = None, check: bool = True):
     if check and r.returncode != 0:
         raise AssertionError(f"doit {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+@contextmanager
+def edited(path: Path, extra: str):
+    """Append ``extra`` to a file for the block; then restore its content and time."""
+    st = path.stat()
+    old = path.read_bytes()
+    path.write_text(old.decode() + "\n" + extra + "\n")
+    try:
+        yield
+    finally:
+        path.write_bytes(old)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

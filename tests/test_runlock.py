@@ -9,15 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 from reducer import runlock
 
 from conftest import run_cli
-from smallnight import UTDATE, doit
+from smallnight import UTDATE, doit, edited
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +29,6 @@ def night(tmp_path_factory):
     nd = root / "redux" / UTDATE
     doit(nd, "science")
     return {"dir": nd}
-
-
-@contextmanager
-def edited(path: Path, extra: str):
-    """Append ``extra`` to a file for the block; then restore its content and time."""
-    st = path.stat()
-    old = path.read_bytes()
-    path.write_text(old.decode() + "\n" + extra + "\n")
-    try:
-        yield
-    finally:
-        path.write_bytes(old)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 @pytest.mark.parametrize("argv, cmd", [

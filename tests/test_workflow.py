@@ -9,16 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from reducer.testing import Target
 
-from smallnight import checksums, data_hdus, doit, executed, make_small_night, tasks_of_last_run
+from smallnight import checksums, data_hdus, doit, executed, make_small_night, tasks_of_last_run, edited
 
 SUMMARY = re.compile(r"^night 20261120: (\d+) tasks \((\d+) executed", re.M)
 
@@ -38,19 +36,6 @@ def night(tmp_path_factory):
 
 def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0]
-
-
-@contextmanager
-def edited(path: Path, extra: str):
-    """Append ``extra`` to a file for the block; then restore its content and time."""
-    st = path.stat()
-    old = path.read_bytes()
-    path.write_text(old.decode() + "\n" + extra + "\n")
-    try:
-        yield
-    finally:
-        path.write_bytes(old)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 # --------------------------------------------------------------------------- progress, logs

@@ -469,13 +469,16 @@ def _measure(sub, raw, bad, sat, x0, y0, fwhm, *, gain: float, max_iter: int = 4
     active = np.ones(sel.size, bool)
     conv = np.zeros(sel.size, bool)
     rlim2 = float(R - 0.5) ** 2
-    for _ in range(max_iter):
+    def window(x, y):
+        """Offsets, squared radius, Gaussian-windowed stamps and their sums at centres x, y."""
         dx = gx - x[:, None, None]
         dy = gy - y[:, None, None]
         r2 = dx * dx + dy * dy
-        w = np.exp(-0.5 * r2 / sw ** 2) * (r2 <= rlim2) * (~bst)
-        wi = w * st
-        norm = wi.sum(axis=(1, 2))
+        wi = np.exp(-0.5 * r2 / sw ** 2) * (r2 <= rlim2) * (~bst) * st
+        return dx, dy, r2, wi, wi.sum(axis=(1, 2))
+
+    for _ in range(max_iter):
+        dx, dy, r2, wi, norm = window(x, y)
         with np.errstate(invalid="ignore", divide="ignore"):
             sx = (wi * dx).sum(axis=(1, 2)) / norm
             sy = (wi * dy).sum(axis=(1, 2)) / norm
@@ -494,12 +497,7 @@ def _measure(sub, raw, bad, sat, x0, y0, fwhm, *, gain: float, max_iter: int = 4
     okc = conv & (moved <= max(1.0, fwhm)) & (np.abs(x - ix[sel]) <= R - 2) & (np.abs(y - iy[sel]) <= R - 2)
     flags[sel[~okc]] |= FLAG_NOCONV
     # moments, flux, peak, mask / saturation within 1.5 FWHM, at the final centre
-    dx = gx - x[:, None, None]
-    dy = gy - y[:, None, None]
-    r2 = dx * dx + dy * dy
-    w = np.exp(-0.5 * r2 / sw ** 2) * (r2 <= rlim2) * (~bst)
-    wi = w * st
-    norm = wi.sum(axis=(1, 2))
+    dx, dy, r2, wi, norm = window(x, y)
     with np.errstate(invalid="ignore", divide="ignore"):
         m2 = 0.5 * (wi * r2).sum(axis=(1, 2)) / norm - 1.0 / 12.0   # per-axis, pixel-corrected
         sig2 = m2 * sw ** 2 / (sw ** 2 - m2)
