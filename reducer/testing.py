@@ -718,6 +718,17 @@ def _cosmic_rays(rng: np.random.Generator, ny: int, nx: int, n: int) -> np.ndarr
 
 
 # --------------------------------------------------------------------------- fixed detector maps
+def _fringe_pattern(seed: int, filt: str, xf: np.ndarray, yf: np.ndarray) -> np.ndarray:
+    """Fringe pattern of a filter at focal-plane pixels (xf, yf): six plane waves of
+    15-50 px wavelength in random directions, scaled to rms 1 (own random stream)."""
+    rng = _rng(seed, "fringe", filt)
+    out = np.zeros(np.broadcast_shapes(xf.shape, yf.shape))
+    for _ in range(6):
+        lam, ang, ph = rng.uniform(15.0, 50.0), rng.uniform(0.0, math.pi), rng.uniform(0.0, 2 * math.pi)
+        out += np.cos(2 * math.pi * (xf * math.cos(ang) + yf * math.sin(ang)) / lam + ph)
+    return out / math.sqrt(3.0)          # six unit cosines: variance 6 / 2 = 3
+
+
 def _detector_maps(seed: int, geom: _Geom, det: _Det, det_index: int, filters: Sequence[str],
                    focal_center: tuple[float, float], opt_center: tuple[float, float],
                    rho_max: float) -> dict:
@@ -865,6 +876,8 @@ def make_night(
     catalog_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     instrument: str = "demo",
+    fringe: Mapping[str, float] | None = None,
+    dome_illumination: float = 0.0,
 ) -> SimulatedNight:
     """Write a seeded synthetic raw night of the demo camera plus its truth.
 
@@ -929,6 +942,15 @@ def make_night(
         pattern are removed); otherwise raise :class:`FileExistsError`.
     instrument : str
         Profile name (only ``demo`` is meaningful).
+    fringe : mapping of str to float, optional
+        Fringes: filter -> amplitude as a fraction of the sky.  The night sky of that
+        filter becomes ``sky_rate * t * (1 + amplitude * F(x, y))`` with ``F`` a fixed
+        interference-like pattern of rms 1 in the focal plane (a sum of plane waves of
+        15-50 px wavelength); ``F`` is written to ``truth/calib/fringe_<f>.fits``.
+    dome_illumination : float
+        Dome-lamp illumination error: dome flats see ``1 + dome_illumination * u`` with
+        ``u`` the focal-plane x from -1 (left edge) to +1 (right edge), so flat-fielded
+        science frames carry the inverse gradient (what a master sky corrects).
 
     Returns
     -------
@@ -979,6 +1001,11 @@ def make_night(
         "bad_flat": bad_flat, "instrument": instrument,
         "targets": [_target_dict(t) for t in targets],
     }
+    # the options added later appear only when used (older truth files stay identical)
+    if fringe:
+        parameters["fringe"] = {str(k): float(v) for k, v in fringe.items()}
+    if dome_illumination:
+        parameters["dome_illumination"] = float(dome_illumination)
 
     profile = _load_profile(instrument)
     geom, dets = _instrument(profile, shape)
@@ -1290,6 +1317,13 @@ def make_night(
     # ------------------------------------------------------------------ detector maps
     maps = {d.name: _detector_maps(seed, geom, d, i, flat_filters, fcen, opt_cen, rho_max)
             for i, d in enumerate(dets)}
+    for d in dets:
+        m = maps[d.name]
+        xf = np.arange(geom.nd)[None, :] + d.offset[0]
+        yf = np.arange(geom.ny)[:, None] + d.offset[1]
+        m["fringe"] = {f: _fringe_pattern(seed, f, xf, yf) for f in (fringe or {})}
+        m["dome_illum"] = (1.0 + float(dome_illumination) * (2.0 * (xf - fx1) / (fx2 - fx1) - 1.0)
+                           + 0.0 * yf) if dome_illumination else None
     # normalise each filter's response to median 1 over both detectors
     for f in flat_filters:
         med = float(np.median(np.concatenate([maps[d.name]["responses"][f].ravel() for d in dets])))
@@ -1441,8 +1475,11 @@ def make_night(
                 x0 = stars_xy[0] - d.offset[0]
                 y0 = stars_xy[1] - d.offset[1]
                 near = (x0 > -60) & (x0 < nd + 60) & (y0 > -60) & (y0 < ny + 60)
+                skyimg = sky_rate * texp
+                if f.filt in m["fringe"] and f.kind != "flat":
+                    skyimg = skyimg * (1.0 + float(fringe[f.filt]) * m["fringe"][f.filt])
                 light = _render_stars(ny, nd, x0[near], y0[near], stars_xy[2][near],
-                                      fwhm / scale_f, beta) + sky_rate * texp
+                                      fwhm / scale_f, beta) + skyimg
                 e = e + light * resp
                 crpix = (fcen[0] - d.offset[0] + 1.0, fcen[1] - d.offset[1] + 1.0)
                 det_truth["wcs"] = {
@@ -1455,7 +1492,10 @@ def make_night(
                 on = (x0 >= -0.5) & (x0 < nd - 0.5) & (y0 >= -0.5) & (y0 < ny - 0.5)
                 star_sel = np.nonzero(on)[0]
             elif lamp_rate is not None:
-                e = e + lamp_rate * texp * resp
+                lamp = lamp_rate * texp * resp
+                if m["dome_illum"] is not None and f.subtype == "dome":
+                    lamp = lamp * m["dome_illum"]
+                e = e + lamp
             elif f.kind == "arc":
                 from scipy.special import erf
                 lx = arc_lines["focal_x"] - d.offset[0]
@@ -1557,6 +1597,9 @@ def make_night(
                   det_fits({d.name: maps[d.name]["pattern"] for d in dets}, "adu"))
     _atomic_write(truth_dir / "calib" / "dark_rate.fits",
                   det_fits({d.name: maps[d.name]["dark"] for d in dets}, "electron/s"))
+    for f in (fringe or {}):
+        _atomic_write(truth_dir / "calib" / f"fringe_{f}.fits",
+                      det_fits({d.name: maps[d.name]["fringe"][f] for d in dets}, ""))
     filt_truth = {}
     for f in flat_filters:
         rel = f"calib/flat_response_{f}.fits"

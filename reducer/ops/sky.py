@@ -135,8 +135,9 @@ def _mesh_stats(data, box, mask, exclude_percentile):
     if "edge_method" in params:  # photutils < 2: pad like the later versions do
         kw["edge_method"] = "pad"
     try:
-        b = Background2D(data, box, mask=mask, filter_size=1,
-                         exclude_percentile=exclude_percentile,
+        # photutils judges the last, partial meshes against the whole box area and fills
+        # them by interpolation: keep every mesh here and exclude below, on real areas
+        b = Background2D(data, box, mask=mask, filter_size=1, exclude_percentile=100.0,
                          sigma_clip=SigmaClip(sigma=3.0, maxiters=10),
                          bkg_estimator=MedianBackground(sigma_clip=None), **kw)
         sky = np.array(b.background_mesh, dtype=np.float64)
@@ -145,17 +146,22 @@ def _mesh_stats(data, box, mask, exclude_percentile):
     except ValueError as exc:  # every mesh excluded
         raise ValueError(f"sky: cannot estimate the background ({exc}); too many masked "
                          f"pixels for box={box} and exclude_percentile={exclude_percentile}") from exc
-    excluded = ngood <= (1.0 - exclude_percentile / 100.0) * box[0] * box[1]
+    cen, size = [], []
+    for n, b_ in zip(data.shape, box):
+        starts = np.arange(sky.shape[len(cen)]) * b_
+        stops = np.minimum(starts + b_, n)
+        cen.append((starts + stops - 1) / 2.0)
+        size.append(stops - starts)
+    # the last, partial mesh of a row or column is judged on its own pixels, not the box's
+    area = size[0][:, None] * size[1][None, :]
+    excluded = ngood <= (1.0 - exclude_percentile / 100.0) * area
+    # a sliver (under a quarter of a box) is too noisy to pin the spline at the edge
+    excluded |= area < 0.25 * box[0] * box[1]
     if excluded.all():
         raise ValueError(f"sky: every {box[0]}x{box[1]} mesh has more than "
                          f"{exclude_percentile} % of its pixels masked")
     sky[excluded] = np.nan
     rms[excluded] = np.nan
-    cen = []
-    for n, b_ in zip(data.shape, box):
-        starts = np.arange(sky.shape[len(cen)]) * b_
-        stops = np.minimum(starts + b_, n)
-        cen.append((starts + stops - 1) / 2.0)
     return sky, rms, cen[0], cen[1]
 
 
@@ -199,8 +205,10 @@ def _trend_fit(z, yc, xc, scale):
     npar = len(cols)
     coef = None
     for _ in range(5):
-        if keep.sum() < npar + 1:  # too few meshes for this surface: a constant
-            cols, npar = cols[:1], 1
+        if keep.sum() < npar + 1:  # too few meshes for this surface: a plane, else a constant
+            nlin = 1 + (len(yc) > 1) + (len(xc) > 1)
+            cols = cols[:nlin] if npar > nlin and keep.sum() >= nlin + 1 else cols[:1]
+            npar = len(cols)
             if keep.sum() < 1:
                 keep = ok
         a = np.stack([c[keep] for c in cols], axis=1)
