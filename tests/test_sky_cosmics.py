@@ -333,20 +333,103 @@ def _aggregate(cosmic_runs):
 
 
 def test_cosmics_aggregate(cosmic_runs):
-    """All synthetic frames together (~3800 strong pixels, ~24000 star pixels)."""
+    """All synthetic frames together (~3900 strong pixels, ~24000 star pixels)."""
     f, n = _aggregate(cosmic_runs)
     assert n["strong"] > 3000 and n["star"] > 20000
-    assert f["star"] < 0.001, f                 # < 0.1 % of the star pixels (measured 0.060 %)
-    assert f["gt20"] >= 0.94, f                 # measured 95.8 %
-    assert f["gt10"] >= 0.90, f                 # measured 92.7 %
-    assert f["strong"] >= 0.82, f               # measured 85.1 %
+    # measured (L.A.Cosmic + second pass; L.A.Cosmic alone: 85.1 / 92.7 / 95.8 %, 0.060 %)
+    assert f["star"] < 0.001, f                 # < 0.1 % of the star pixels (measured 0.064 %)
+    assert f["gt20"] >= 0.96, f                 # measured 97.3 %
+    assert f["gt10"] >= 0.94, f                 # measured 95.2 %
+    assert f["strong"] >= 0.90, f               # measured 91.3 %
 
 
-@pytest.mark.xfail(strict=True, reason="single-frame L.A.Cosmic finds ~85 % of the > 5 sigma "
-                   "cosmic-ray pixels without flagging stars (see reducer/ops/cosmics.py)")
+@pytest.mark.xfail(strict=True, reason="measured 91.3 % of the > 5 sigma cosmic-ray pixels: "
+                   "broad spots as wide as the PSF (FWHM 2.0-2.2 px frames) cannot be told from "
+                   "stars in one frame (see reducer/ops/cosmics.py)")
 def test_cosmics_goal_95_percent_of_5_sigma_pixels(cosmic_runs):
     f, _ = _aggregate(cosmic_runs)
     assert f["strong"] >= 0.95
+
+
+def _spots_and_stars(seed, *, fwhm, star_snr, spot_sigma=None, spot_e=0.0, shape=(96, 96)):
+    """A 1000 e- sky with a 4 x 4 grid of Moffat stars (beta 3, peak ``star_snr`` sigma)
+    and, with ``spot_sigma``, a Gaussian spot of ``spot_e`` e- midway between every pair of
+    grid rows (blank sky); sky-subtracted data [e-], the spots' deposit, the sky noise
+    [e-] and the star light [e-]."""
+    rng = np.random.default_rng(seed)
+    sigma = math.sqrt(1000.0 + RN ** 2)
+    beta = 3.0
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    norm = (beta - 1.0) / (math.pi * alpha ** 2)
+    g = np.arange(12, shape[0], 24, dtype=float)
+    xs, ys = (a.ravel() + rng.uniform(-0.5, 0.5, g.size ** 2) for a in np.meshgrid(g, g))
+    stars = _moffat(shape, xs, ys, np.full(xs.size, star_snr * sigma / norm), fwhm, beta)
+    dep = np.zeros(shape)
+    if spot_sigma is not None:
+        i = np.arange(shape[0])
+        for x, y in zip(xs, ys + 12.0):
+            if y < shape[0] - 3:
+                x, y = x + rng.uniform(-0.5, 0.5), y + rng.uniform(-0.5, 0.5)
+                fx = 0.5 * (erf((i + 0.5 - x) / (spot_sigma * 2 ** 0.5)) - erf((i - 0.5 - x) / (spot_sigma * 2 ** 0.5)))
+                fy = 0.5 * (erf((i + 0.5 - y) / (spot_sigma * 2 ** 0.5)) - erf((i - 0.5 - y) / (spot_sigma * 2 ** 0.5)))
+                dep += spot_e * fy[:, None] * fx[None, :]
+    data = rng.poisson(1000.0 + stars) + dep + rng.normal(0.0, RN, shape)
+    return (data - 1000.0).astype(np.float32), dep, sigma, stars
+
+
+@pytest.mark.parametrize("given_fwhm", [True, False])
+def test_cosmics_psf_test_finds_spots_narrower_than_the_psf(cosmics, given_fwhm):
+    """Spots of sigma 0.75 px (FWHM 1.8 px, 1500 e-) among stars of FWHM 3 px: L.A.Cosmic's
+    star protection leaves more than half of their > 5 sigma pixels (measured 66 of 155),
+    the PSF test finds them (155 of 155); nothing on the stars or the noise."""
+    kw = dict(sky_e=1000.0, rdnoise_e=RN, saturate_e=SAT)
+    first = second = total = 0
+    for seed in range(4):
+        d, dep, sigma, _ = _spots_and_stars(seed, fwhm=3.0, star_snr=100.0, spot_sigma=0.75, spot_e=1500.0)
+        strong = dep > 5 * sigma
+        r1 = cosmics.clean_cosmics(d, None, psf_test=False, grow_sigma=0, **kw)
+        r2 = cosmics.clean_cosmics(d, None, fwhm_px=3.0 if given_fwhm else None, **kw)
+        assert r2.psf_fwhm == pytest.approx(3.0, rel=0.1)
+        assert (r2.crmask >= r1.crmask).all()                     # the second pass only adds
+        assert r2.npix_second == int((r2.crmask & ~r1.crmask).sum())
+        assert not (r2.crmask & ~_touched(dep)).any()             # never on a star / noise
+        first += int(r1.crmask[strong].sum())
+        second += int(r2.crmask[strong].sum())
+        total += int(strong.sum())
+    assert total > 100
+    assert first / total < 0.6 and second / total >= 0.95, (first, second, total)
+
+
+@pytest.mark.parametrize("fwhm", [2.0, 2.5])
+def test_cosmics_second_pass_leaves_stars_alone(cosmics, fwhm):
+    """Stars of FWHM 2.0 / 2.5 px at S/N 50 (no cosmic rays), the FWHM given or not (their
+    peak S/N, ~31 with their own noise, is about the estimate's limit: estimated or
+    not run): the second pass flags no pixel with star light above 0.5 sigma, and
+    at most a pure-noise peak per frame (measured: 3 single pixels of 4.3-4.6 sigma in 24
+    runs)."""
+    noise = 0
+    for seed in range(6):
+        d, _, sigma, stars = _spots_and_stars(100 + seed, fwhm=fwhm, star_snr=50.0)
+        for fw in (fwhm, None):
+            r = cosmics.clean_cosmics(d, None, sky_e=1000.0, rdnoise_e=RN, saturate_e=SAT, fwhm_px=fw)
+            first = cosmics.clean_cosmics(d, None, sky_e=1000.0, rdnoise_e=RN, saturate_e=SAT,
+                                          psf_test=False, grow_sigma=0)
+            second = r.crmask & ~first.crmask
+            assert not second[stars > 0.5 * sigma].any(), (seed, fw)
+            noise += int(second.sum())
+    assert noise <= 4, noise
+
+
+def test_cosmics_psf_fwhm_not_estimated_without_stars(cosmics):
+    """No bright star: no FWHM, the PSF test is not run (psf_fwhm NaN); growing still is."""
+    rng = np.random.default_rng(3)
+    d = (rng.poisson(1000.0, (80, 80)) + rng.normal(0.0, RN, (80, 80)) - 1000.0).astype(np.float32)
+    d[40, 20:32] += 900.0                                          # a track
+    r = cosmics.clean_cosmics(d, None, sky_e=1000.0, rdnoise_e=RN, saturate_e=SAT)
+    assert math.isnan(r.psf_fwhm)
+    assert r.crmask[40, 20:32].all()
+    with pytest.raises(ValueError, match="psf_delta"):
+        cosmics.clean_cosmics(d, None, sky_e=1000.0, rdnoise_e=RN, saturate_e=SAT, psf_delta=0)
 
 
 def test_cosmics_inbkg_matters(cosmics, cosmic_runs):
@@ -372,7 +455,10 @@ def test_cosmics_inbkg_matters(cosmics, cosmic_runs):
     # frame with cosmic rays it finds what that call finds (away from the edges, where it
     # pads the image, and from the saturated halos it does not search)
     from scipy.ndimage import distance_transform_edt
-    s, sub, res, _ = cosmic_runs[COSMIC_SCENES[0][0]]
+    s, sub, res2, _ = cosmic_runs[COSMIC_SCENES[0][0]]
+    res = cosmics.clean_cosmics(sub, s["mask"], sky_e=s["sky"], rdnoise_e=RN, saturate_e=SAT,
+                                psf_test=False, grow_sigma=0)       # L.A.Cosmic alone
+    assert (res2.crmask >= res.crmask).all()                         # the second pass only adds
     direct, _ = astroscrappy.detect_cosmics((sub + s["sky"]).astype(np.float32),
                                             inmask=s["mask"] != 0, inbkg=s["sky"].astype(np.float32),
                                             gain=1.0, readnoise=RN, satlevel=SAT, sigfrac=0.1)
@@ -534,14 +620,15 @@ def test_simulator_sky_and_cosmics(sim_frames, cosmics):
             den[k] += int(sel.sum())
         assert cr.crmask[sets["star"]].mean() < 0.002
     frac = {k: num[k] / den[k] for k in num}
-    # measured (seed 11): star pixels 0.03 % of 24565; > 20 sigma 92 % of 37,
-    # > 10 sigma 90 % of 377, > 5 sigma 71 % of 883 (the sky is 9000 e-: most deposits
-    # are 5-10 sigma, where single-frame L.A.Cosmic finds ~60 %)
+    # measured (seed 11, L.A.Cosmic + second pass): star pixels 0.037 % of 24565 (L.A.Cosmic
+    # alone 0.028 %); > 20 sigma 95 % of 37 (92 %), > 10 sigma 91 % of 377 (90 %), > 5 sigma
+    # 75 % of 883 (71 %).  The sky is 9000 e-: most deposits are 5-10 sigma, where a spot's
+    # shape is barely measurable in one frame (64 % found)
     assert den["star"] > 10000 and den["strong"] > 500, den
     assert frac["star"] < 0.001, frac
-    assert frac["gt20"] >= 0.85, (frac, den)
-    assert frac["gt10"] >= 0.85, (frac, den)
-    assert frac["strong"] >= 0.65, (frac, den)
+    assert frac["gt20"] >= 0.90, (frac, den)
+    assert frac["gt10"] >= 0.88, (frac, den)
+    assert frac["strong"] >= 0.72, (frac, den)
 
 
 def _stars_e(fr, f):

@@ -97,13 +97,15 @@ image is padded by reflection (8 pixels) for the call and cropped afterwards.
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from .bits import COSMIC, SATURATED, UNUSABLE
 
-__all__ = ["CosmicResult", "clean_cosmics"]
+__all__ = ["CosmicResult", "clean_cosmics", "estimate_psf_fwhm"]
 
 #: Reflection padding [pixel] around the image for the astroscrappy call.
 PAD = 8
@@ -125,11 +127,18 @@ class CosmicResult:
     ncosmic : int
         Number of cosmic-ray events: 8-connected groups of flagged pixels (the number of
         flagged pixels is ``crmask.sum()``, :attr:`npix`).
+    npix_second : int
+        Pixels flagged by the second pass (PSF test and growing), not by L.A.Cosmic.
+    psf_fwhm : float
+        Seeing FWHM [pixel] the PSF test used (given or estimated); NaN when the test
+        did not run (off, or too few stars to estimate it).
     """
 
     data: np.ndarray
     crmask: np.ndarray
     ncosmic: int
+    npix_second: int = 0
+    psf_fwhm: float = float("nan")
 
     @property
     def npix(self) -> int:
@@ -204,13 +213,234 @@ def _fill_growing(img: np.ndarray, holes: np.ndarray, default: np.ndarray) -> np
     return out[holes]
 
 
+# --------------------------------------------------------------------------- second pass
+#: Half-size [pixel] of the fitting window of the PSF test (7 x 7 pixels).
+_HW = 3
+#: Sub-pixel centre offsets [pixel] of the templates (5 x 5 grid over one pixel; a 9 x 9
+#: grid flagged the same pixels on the test frames, at 3x the cost).
+_OFFSETS = np.arange(-0.5, 0.5 + 1e-9, 0.25)
+#: Gaussian widths sigma [pixel] of the cosmic-ray family of the PSF test.
+_CR_SIGMAS = (0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 1.0)
+#: Moffat FWHM factors (x the frame's FWHM) and betas of the star family of the PSF test.
+_STAR_FWHM = (0.85, 0.92, 1.0, 1.1, 1.2, 1.35)
+_STAR_BETAS = (2.5, 3.0, 4.5)
+
+
+def _gauss_templates(sigmas, step_offsets=_OFFSETS) -> np.ndarray:
+    """Pixel-integrated unit-flux circular Gaussians on the (2 _HW + 1)^2 window, one per
+    sigma [pixel] and sub-pixel centre offset: array (len(sigmas) * noff^2, npix)."""
+    from scipy.special import erf
+
+    i = np.arange(-_HW, _HW + 1, dtype=np.float64)
+    out = []
+    for s in sigmas:
+        s2 = s * math.sqrt(2.0)
+        f = 0.5 * (erf((i[None, :] + 0.5 - step_offsets[:, None]) / s2)
+                   - erf((i[None, :] - 0.5 - step_offsets[:, None]) / s2))   # (noff, n)
+        out.append((f[:, None, :, None] * f[None, :, None, :]).reshape(-1, i.size ** 2))
+    return np.concatenate(out)
+
+
+def _moffat_templates(fwhms, betas, step_offsets=_OFFSETS, nsub: int = 7) -> np.ndarray:
+    """Pixel-integrated (``nsub`` x ``nsub`` samples) unit-flux circular Moffats on the
+    window, one per (FWHM [pixel], beta) and sub-pixel centre offset."""
+    i = np.arange(-_HW, _HW + 1, dtype=np.float64)
+    s = (np.arange(nsub) + 0.5) / nsub - 0.5
+    u = i[:, None] + s[None, :]                                 # (n, nsub) sample coordinates
+    out = []
+    for fw in fwhms:
+        for beta in betas:
+            alpha = fw / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+            norm = (beta - 1.0) / (math.pi * alpha ** 2)
+            dx = u[None, :, :] - step_offsets[:, None, None]        # (noff, n, nsub)
+            r2 = (dx[:, None, :, None, :, None] ** 2 + dx[None, :, None, :, None, :] ** 2)
+            # (offy, offx, ny, nx, suby, subx) -> mean over the samples
+            v = ((1.0 + r2 / alpha ** 2) ** -beta).mean(axis=(4, 5)) * norm
+            out.append(v.reshape(-1, i.size ** 2))
+    return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_templates(kind: str, params: tuple) -> np.ndarray:
+    """Template sets of the PSF test, cached (read-only): ``('g', sigmas)`` or
+    ``('m', (fwhms, betas))`` on the default offsets."""
+    t = _gauss_templates(params) if kind == "g" else _moffat_templates(*params)
+    t.setflags(write=False)
+    return t
+
+
+def _windows(img: np.ndarray, yy: np.ndarray, xx: np.ndarray):
+    """The (2 _HW + 1)^2 windows of ``img`` centred on (yy, xx): values (N, npix) (edge
+    pixels repeated outside), inside-the-image flags (N, npix), and the pixel indices."""
+    o = np.arange(-_HW, _HW + 1)
+    ny, nx = img.shape
+    Y = yy[:, None, None] + o[None, :, None]
+    X = xx[:, None, None] + o[None, None, :]
+    Y, X = np.broadcast_arrays(Y, X)
+    inside = (Y >= 0) & (Y < ny) & (X >= 0) & (X < nx)
+    Yc, Xc = np.clip(Y, 0, ny - 1), np.clip(X, 0, nx - 1)
+    n = yy.size
+    return img[Yc, Xc].reshape(n, -1), inside.reshape(n, -1), Yc.reshape(n, -1), Xc.reshape(n, -1)
+
+
+def _fit_templates(D: np.ndarray, W: np.ndarray, T: np.ndarray):
+    """Weighted linear least squares of ``A * T_k + b`` to every window, every template.
+
+    D, W: (N, npix) data and weights (1 / variance, 0 = not used); T: (K, npix).
+    Returns chi^2, A and b, each (N, K) (NaN where singular).
+    """
+    WD = W * D
+    St, Stt, Std = W @ T.T, W @ (T * T).T, WD @ T.T
+    S1, Sd = W.sum(1)[:, None], WD.sum(1)[:, None]
+    Sdd = (WD * D).sum(1)[:, None]
+    det = Stt * S1 - St * St
+    with np.errstate(invalid="ignore", divide="ignore"):
+        A = (Std * S1 - St * Sd) / det
+        b = (Stt * Sd - St * Std) / det
+    return Sdd - A * Std - b * Sd, A, b
+
+
+def _best(D, W, T, chunk: int = 1000):
+    """Per window: the smallest chi^2 over the templates, its template index and A."""
+    n = D.shape[0]
+    chi, k, amp = np.full(n, np.inf), np.zeros(n, int), np.zeros(n)
+    for i in range(0, n, chunk):
+        c, A, _ = _fit_templates(D[i:i + chunk], W[i:i + chunk], T)
+        c = np.where(np.isfinite(c), c, np.inf)
+        j = np.argmin(c, axis=1)
+        r = np.arange(j.size)
+        chi[i:i + chunk], k[i:i + chunk], amp[i:i + chunk] = c[r, j], j, A[r, j]
+    return chi, k, amp
+
+
+def _peaks(img, snr, excl, size: int, snr_min: float):
+    """Local maxima of ``img`` (in a size x size box) above ``snr_min``, outside ``excl``."""
+    from scipy.ndimage import maximum_filter
+
+    pk = (img == maximum_filter(img, size=size, mode="nearest")) & (snr > snr_min) & ~excl
+    return np.nonzero(pk)
+
+
+def estimate_psf_fwhm(img: np.ndarray, var: np.ndarray, excl: np.ndarray, *,
+                      snr_min: float = 30.0, nmax: int = 40, nmin: int = 5) -> float:
+    """Seeing FWHM [pixel] from the frame's bright, star-like sources (for the PSF test).
+
+    Local maxima (7 x 7) of the sky-subtracted ``img`` [e-] with peak S/N above
+    ``snr_min`` whose 7 x 7 window holds no ``excl`` pixel (masked, saturated, flagged
+    cosmic rays) are fitted with pixel-integrated Moffats (FWHM 1.0-6.0 px, beta 2.5, 3,
+    4.5, 10) and with the cosmic-ray family (Gaussians of sigma 0.25-1.0 px); sources
+    better fitted by the latter are left out; the median FWHM of the ``nmax`` brightest
+    of the others is returned.  NaN when fewer than ``nmin`` qualify (the PSF test is
+    then not run).
+    """
+    from scipy.ndimage import maximum_filter
+
+    sig = np.sqrt(var)
+    yy, xx = _peaks(img, img / sig, maximum_filter(excl, size=2 * _HW + 1), 2 * _HW + 1, snr_min)
+    ny, nx = img.shape
+    keep = (yy >= _HW) & (yy < ny - _HW) & (xx >= _HW) & (xx < nx - _HW)
+    yy, xx = yy[keep], xx[keep]
+    if yy.size < nmin:
+        return float("nan")
+    order = np.argsort(-img[yy, xx])[: 3 * nmax]
+    yy, xx = yy[order], xx[order]
+    D, _, _, _ = _windows(img, yy, xx)
+    V, _, _, _ = _windows(var, yy, xx)
+    W = 1.0 / V
+    fwhms = tuple(np.round(np.geomspace(1.0, 6.0, 25), 4))
+    betas = (2.5, 3.0, 4.5, 10.0)
+    chi_s, k_s, _ = _best(D, W, _cached_templates("m", (fwhms, betas)))
+    chi_c, _, _ = _best(D, W, _cached_templates("g", _CR_SIGMAS))
+    starlike = chi_s <= chi_c
+    fw = np.asarray(fwhms)[k_s // (len(betas) * _OFFSETS.size ** 2)][starlike][:nmax]
+    return float(np.median(fw)) if fw.size >= nmin else float("nan")
+
+
+def _psf_test(img, var, excl, crmask, fwhm: float, delta: float, *, snr_min: float = 4.0,
+              flag_sigma: float = 1.5, accept: float = 4.0, rfrac: float = 0.3) -> np.ndarray:
+    """Pixels of the sources sharper than the PSF allows (module docstring, second pass).
+
+    Every local maximum (3 x 3) of ``img`` [e-, sky-subtracted, cosmic rays of the first
+    pass repaired] with S/N above ``snr_min``, outside ``excl`` and not next to a flagged
+    pixel, is fitted in its 7 x 7 window (weights 1 / ``var``, ``excl`` and flagged pixels
+    left out) by a constant plus a star (Moffat, FWHM 0.85-1.35 x ``fwhm``, beta 2.5-4.5)
+    and by a constant plus a cosmic ray (Gaussian, sigma 0.25-1.0 px), each at 81
+    sub-pixel centres.  It is a cosmic ray when the cosmic-ray fit is better by more than
+    ``delta`` in chi^2, positive, and acceptable (chi^2 below nu + ``accept`` sqrt(2 nu),
+    or its excess over nu below ``rfrac`` of the star fit's).  Its pixels where the fitted
+    Gaussian exceeds ``flag_sigma`` of the noise are returned.
+    """
+    from scipy.ndimage import binary_dilation
+
+    sig = np.sqrt(var)
+    near = binary_dilation(crmask, np.ones((3, 3), bool))
+    yy, xx = _peaks(img, img / sig, excl | near, 3, snr_min)
+    new = np.zeros(img.shape, bool)
+    if yy.size == 0:
+        return new
+    D, inside, Y, X = _windows(img, yy, xx)
+    E, _, _, _ = _windows(excl | crmask, yy, xx)
+    V, _, _, _ = _windows(var, yy, xx)
+    W = np.where(inside & ~E, 1.0 / V, 0.0)
+    Tc = _cached_templates("g", _CR_SIGMAS)
+    fws = tuple(round(fwhm * f, 3) for f in _STAR_FWHM)
+    chi_s, _, _ = _best(D, W, _cached_templates("m", (fws, _STAR_BETAS)))
+    chi_c, k_c, a_c = _best(D, W, Tc)
+    nu = np.count_nonzero(W, axis=1) - 2
+    ok = ((chi_s - chi_c > delta) & (a_c > 0)
+          & ((chi_c < nu + accept * np.sqrt(2.0 * np.maximum(nu, 1)))
+             | (chi_c - nu < rfrac * (chi_s - nu))))
+    if ok.any():
+        model = a_c[ok, None] * Tc[k_c[ok]]
+        sel = (model > flag_sigma * np.sqrt(V[ok])) & (W[ok] > 0)
+        new[Y[ok][sel], X[ok][sel]] = True
+    return new & ~excl
+
+
+def _grow(d, rep, sky, rdnoise, crmask, excl, k: float, *, blank: float = 2.5,
+          maxiter: int = 6) -> np.ndarray:
+    """Grow ``crmask`` into neighbours (8-connected) that exceed the median of their
+    unflagged 5 x 5 neighbourhood by ``k`` sigma (sigma = sqrt(sky + max(median, 0) +
+    rn^2)), on blank sky only: where the 5 x 5 mean of ``rep`` (the image with the first
+    pass's cosmic rays repaired) is below ``blank`` sigma of the sky (a star's flank is
+    not); iterated while it grows, at most ``maxiter`` times.  Returns the grown mask."""
+    import warnings
+
+    from scipy.ndimage import binary_dilation, uniform_filter
+
+    cm = crmask.copy()
+    ny, nx = d.shape
+    s_sky = np.sqrt(sky + rdnoise ** 2)
+    starlit = uniform_filter(rep, size=5, mode="reflect") >= blank * s_sky
+    o = np.arange(-2, 3)
+    for _ in range(maxiter):
+        yy, xx = np.nonzero(binary_dilation(cm, np.ones((3, 3), bool)) & ~cm & ~excl & ~starlit)
+        if yy.size == 0:
+            break
+        Y = np.clip(yy[:, None, None] + o[None, :, None], 0, ny - 1)
+        X = np.clip(xx[:, None, None] + o[None, None, :], 0, nx - 1)
+        vals = np.where(cm[Y, X] | excl[Y, X], np.nan, d[Y, X]).reshape(yy.size, -1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)     # all-NaN boxes
+            loc = np.nanmedian(vals, axis=1)
+        loc = np.where(np.isfinite(loc), loc, 0.0)
+        s = np.sqrt(sky[yy, xx] + np.maximum(loc, 0.0) + rdnoise ** 2)
+        add = d[yy, xx] - loc > k * s
+        if not add.any():
+            break
+        cm[yy[add], xx[add]] = True
+    return cm
+
+
 def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
                   rdnoise_e: float, saturate_e: float, sigclip: float = 4.5,
                   sigfrac: float = 0.1, objlim: float | None = None, niter: int = 4,
                   fwhm_px: float | None = None, fsmode: str = "median",
                   psfmodel: str = "gauss", psfbeta: float = 4.765,
                   cleantype: str = "meanmask", sepmed: bool = True,
-                  sat_protect_px: float = 8.0, mask_bits: int = UNUSABLE) -> CosmicResult:
+                  sat_protect_px: float = 8.0, mask_bits: int = UNUSABLE,
+                  psf_test: bool = True, psf_delta: float = 9.0,
+                  grow_sigma: float = 3.0) -> CosmicResult:
     """Detect and repair cosmic rays in a sky-subtracted image in electrons.
 
     Parameters
@@ -246,7 +476,9 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
     niter : int
         Maximum number of L.A.Cosmic iterations.
     fwhm_px : float, optional
-        Seeing FWHM [pixel]; required by, and only used with, ``fsmode='convolve'``.
+        Seeing FWHM [pixel]; required by ``fsmode='convolve'``; the PSF test's star
+        width (estimated from the frame's bright stars when not given:
+        :func:`estimate_psf_fwhm`).
     fsmode : {'median', 'convolve'}
         Fine-structure image: classic median filters, or the image convolved with a
         PSF kernel of FWHM ``fwhm_px`` (module docstring: not better, opt-in).
@@ -266,6 +498,16 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
     mask_bits : int
         Bits of ``mask`` that exclude a pixel (default: every unusable bit;
         :data:`~reducer.ops.bits.COSMIC` is not among them).
+    psf_test : bool
+        Second pass, PSF test: flag the sources L.A.Cosmic left that a cosmic-ray profile
+        fits better than the seeing PSF (module docstring).  Not run (and said so by
+        ``psf_fwhm = nan``) when ``fwhm_px`` is not given and cannot be estimated.
+    psf_delta : float
+        Chi^2 margin by which the cosmic-ray fit must beat the star fit (9 = 3 sigma
+        for one parameter).
+    grow_sigma : float
+        Second pass, growing: neighbours of flagged pixels above this many sigma over
+        their local median (off stars) are flagged too, iterated; 0 = off.
 
     Returns
     -------
@@ -309,6 +551,8 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
                          "and niter >= 1")
     if fwhm_px is not None and not fwhm_px > 0:
         raise ValueError("fwhm_px must be > 0")
+    if not (psf_delta > 0 and grow_sigma >= 0):
+        raise ValueError("need psf_delta > 0 and grow_sigma >= 0")
     try:
         import astroscrappy
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -358,6 +602,38 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
     out = np.array(d, dtype=np.float32, copy=True)
     out[crmask] = (clean[crmask] - sky[crmask]).astype(np.float32)
 
+    # second pass (module docstring): PSF test on the sources left, then growing.  Not
+    # searched: masked pixels and pixels at/above saturation (the halo is searched here:
+    # both tests compare a pixel with its own neighbourhood, not with a 7 x 7 median)
+    first = crmask
+    fwhm_used = float("nan")
+    if psf_test or grow_sigma > 0:
+        excl = bad | ~np.isfinite(total) | (total >= float(saturate_e))
+        if mask is not None:
+            excl |= (m.astype(np.int64) & SATURATED) != 0
+        rep = out.astype(np.float64)
+        rep[bad] = 0.0
+        var = sky + np.maximum(rep, 0.0) + float(rdnoise_e) ** 2
+        if psf_test:
+            fwhm_used = (float(fwhm_px) if fwhm_px is not None
+                         else estimate_psf_fwhm(rep, var, excl | crmask))
+            if np.isfinite(fwhm_used):
+                crmask = crmask | _psf_test(rep, var, excl, crmask, fwhm_used, float(psf_delta))
+        if grow_sigma > 0 and crmask.any():
+            crmask = _grow(np.where(bad, 0.0, d.astype(np.float64)), rep, sky, float(rdnoise_e),
+                           crmask, excl, float(grow_sigma))
+        if (crmask & ~first).any():
+            # repair every flagged pixel again with the final mask: the mean of the
+            # unflagged, unmasked pixels of its 5 x 5 box (astroscrappy's 'meanmask')
+            holes = crmask | bad
+            vals = _fill_from_neighbours(np.where(bad, 0.0, d.astype(np.float64)), holes,
+                                         np.zeros(shape))
+            filled = np.zeros(shape)
+            filled[holes] = vals
+            out = np.array(d, dtype=np.float32, copy=True)
+            out[crmask] = filled[crmask].astype(np.float32)
+
     from scipy.ndimage import label
     _, nev = label(crmask, structure=np.ones((3, 3), bool))
-    return CosmicResult(data=out, crmask=crmask, ncosmic=int(nev))
+    return CosmicResult(data=out, crmask=crmask, ncosmic=int(nev),
+                        npix_second=int(np.count_nonzero(crmask & ~first)), psf_fwhm=fwhm_used)
