@@ -234,7 +234,8 @@ def run_sky(night_dir: str, filename: str, src: str, out: str):
 def _cosmics(night, prod: Product) -> Product:
     from .ops.cosmics import clean_cosmics
     opts = {k: v for k, v in night.settings.get("cosmics", {}).items()
-            if k in ("sigclip", "sigfrac", "objlim", "niter", "cleantype", "psfmodel")}
+            if k in ("sigclip", "sigfrac", "objlim", "niter", "cleantype", "psfmodel",
+                     "psf_test", "psf_delta", "grow_sigma", "fwhm_px")}
     out = Product(prod.header.copy())
     total = 0
     for name, d in prod.detectors.items():
@@ -245,6 +246,8 @@ def _cosmics(night, prod: Product) -> Product:
         h = d.header.copy()
         h["NCOSMIC"] = (res.ncosmic, "cosmic-ray events found and repaired")
         h["NCRPIX"] = (res.npix, "pixels flagged COSMIC")
+        if res.psf_fwhm == res.psf_fwhm:     # not NaN: the PSF test ran
+            h["CRFWHM"] = (round(res.psf_fwhm, 3), "[px] FWHM of the z step's PSF test")
         total += res.ncosmic
         out.detectors[name] = Detector(res.data, d.unc, res.flag(d.mask), h)
     out.header["NCOSMIC"] = (total, "cosmic-ray events, all detectors")
