@@ -85,6 +85,11 @@ PROFILE_SCHEMA = Table({
         "verify": MapOf(float),
     }),
     "photometry": Table({"bands": MapOf(str), "aperture_arcsec": float}),
+    # the s step; master sky (reducer.mastersky) for cameras whose dome flats or fringes need it
+    "sky": Table({"box": int, "filter_size": int,
+                  "master": ListOf(OneOf(("illumination", "fringe"))), "master_filters": ListOf(str),
+                  "master_per_target": bool, "master_frames": int, "master_min_frames": int,
+                  "master_nsigma": float, "master_box": int, "fringe_sigma": float}),
     "limits": MapOf(float),
 }, required=("instrument", "site", "keywords", "types", "detectors"))
 

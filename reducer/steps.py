@@ -206,15 +206,34 @@ def _transform(night_dir: str, filename: str, src: str, out: str, step: str, fn)
 
 
 # --------------------------------------------------------------------------- s
-def _sky(night, prod: Product) -> Product:
+def _sky(night, prod: Product, mastersky: str = "", mastersky_why: str = "") -> Product:
     from .ops.sky import estimate_sky, subtract_sky
     opts = night.settings.get("sky", {})
     out = Product(prod.header.copy())
     levels = []
+    dets = {n: (d.data, d.unc, d.mask) for n, d in prod.detectors.items()}
+    if mastersky:
+        from .mastersky import load_master_sky, master_settings
+        from .ops.mastersky import apply_master_sky
+        master, why = load_master_sky(mastersky)
+        if master is None:
+            mastersky_why = why
+        else:
+            modes = master_settings(night)["modes"]
+            app = apply_master_sky(dets, master, modes, box=int(opts.get("box", 64)))
+            dets = {n: (app.data[n], app.unc[n], dets[n][2]) for n in dets}
+            out.header["MSKYFILE"] = (Path(mastersky).name, "master sky applied before the sky fit")
+            out.header["MSKYMODE"] = (",".join(modes), "master sky corrections")
+            if "fringe" in modes:
+                out.header["FRNGSCL"] = (round(app.fringe_scale, 4), "fringe scale fitted (1 = as the sky)")
+                out.header["FRNGERR"] = (round(app.fringe_scale_err, 4), "its 1-sigma error")
+    if mastersky_why:
+        out.header["MSKYWHY"] = (mastersky_why[:68], "")
     for name, d in prod.detectors.items():
-        res = estimate_sky(d.data, d.mask, box=int(opts.get("box", 64)),
+        data0, unc0, _ = dets[name]
+        res = estimate_sky(data0, d.mask, box=int(opts.get("box", 64)),
                            filter_size=int(opts.get("filter_size", 3)))
-        data, unc = subtract_sky(d.data, d.unc, res)
+        data, unc = subtract_sky(data0, unc0, res)
         h = d.header.copy()
         h["SKYLEVEL"] = (round(float(res.level), 3), "[e-/px] median sky subtracted")
         h["SKYRMS"] = (round(float(res.rms_level), 3), "[e-] median sky noise per pixel")
@@ -225,9 +244,13 @@ def _sky(night, prod: Product) -> Product:
     return out
 
 
-def run_sky(night_dir: str, filename: str, src: str, out: str):
-    """doit action: fp -> sfp (sky model with sources masked, subtracted; level and rms recorded)."""
-    return _transform(night_dir, filename, src, out, "sky", _sky)
+def run_sky(night_dir: str, filename: str, src: str, out: str, mastersky: str = "",
+            mastersky_why: str = ""):
+    """doit action: fp -> sfp (the master sky's corrections when one is given, then a sky
+    model with sources masked, subtracted; level and rms recorded)."""
+    def fn(night, prod):
+        return _sky(night, prod, mastersky, mastersky_why)
+    return _transform(night_dir, filename, src, out, "sky", fn)
 
 
 # --------------------------------------------------------------------------- z

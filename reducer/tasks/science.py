@@ -83,10 +83,11 @@ def run_flatten(night_dir: str, filename: str, src: str, out: str):
     return run(night_dir, filename, src, out)
 
 
-def run_sky(night_dir: str, filename: str, src: str, out: str):
+def run_sky(night_dir: str, filename: str, src: str, out: str, mastersky: str = "",
+            mastersky_why: str = ""):
     """doit action: :func:`reducer.steps.run_sky`."""
     from ..steps import run_sky as run
-    return run(night_dir, filename, src, out)
+    return run(night_dir, filename, src, out, mastersky, mastersky_why)
 
 
 def run_cosmics(night_dir: str, filename: str, src: str, out: str):
@@ -110,11 +111,12 @@ def run_zeropoint(night_dir: str, filename: str, src: str, out: str):
 RUNNERS = {"s": run_sky, "z": run_cosmics, "a": run_astrometry, "t": run_zeropoint}
 
 
-def frame_tasks(night, sets, frame, extra_deps=None):
+def frame_tasks(night, sets, frame, extra_deps=None, mastersky=None):
     """The chain tasks of one frame, and the path of its last product.
 
     ``extra_deps`` maps a step letter to more files its task depends on (the field
-    reference for a and t when no catalogue is configured).
+    reference for a and t when no catalogue is configured). ``mastersky`` is the
+    (master-sky path or None, reason) the s step uses (:func:`reducer.mastersky.plan`).
     """
     extra_deps = extra_deps or {}
     from ..calsets import calib_settings, frame_key
@@ -145,6 +147,11 @@ def frame_tasks(night, sets, frame, extra_deps=None):
         else:
             deps = [str(prev)]
             action = (RUNNERS[step], [str(night.dir), frame.file, str(prev), str(out)])
+            if step == "s" and mastersky is not None:
+                path, why = mastersky
+                action = (run_sky, action[1] + [str(path) if path else "", why])
+                if path:
+                    deps.append(str(path))
         deps = deps + [str(p) for p in extra_deps.get(step, ())]
         uptodate = [DigestUnchanged(_task_digest(night, name))]
         if step == "a" and not (_finite(frame.ra) and _finite(frame.dec)):
@@ -228,6 +235,22 @@ def reference_tasks(night, sets, frames):
     return tasks, extra
 
 
+def mastersky_tasks(night, sets, frames):
+    """Master-sky tasks (``[sky] master``: :mod:`reducer.mastersky`), and the
+    (path, reason) each frame's s step uses."""
+    from ..mastersky import plan, run_mastersky
+    masters, use = plan(night, frames, lambda f: product_before(night, sets, f, "s"))
+    tasks = []
+    for path, chosen in masters.items():
+        inputs = [str(src) for _, src in chosen]
+        tasks.append({"basename": "mastersky", "name": path.stem.replace("mastersky_", ""),
+                      "file_dep": inputs, "targets": [str(path)],
+                      "actions": [(run_mastersky, [str(night.dir), inputs, str(path)])],
+                      "uptodate": [DigestUnchanged(_task_digest(night, "sky"))], "clean": True,
+                      "doc": f"master sky {path.stem[10:]} from {len(chosen)} frames"})
+    return tasks, use
+
+
 def _usable_products(paths):
     """The products among ``paths`` that went through the chain and passed the quality limits;
     and (file, reason) of the others."""
@@ -304,7 +327,7 @@ def run_lightcurve(night_dir: str, paths: list, out: str) -> dict:
 
 
 def make_task_generator(night):
-    @create_after(executed="calib", creates=["science", "stack", "lightcurve", "fieldref",
+    @create_after(executed="calib", creates=["science", "stack", "lightcurve", "fieldref", "mastersky",
                                              *[STEP_NAMES[s] for s in IMPLEMENTED]])
     def task_science():
         """Every science target through the chain: doit science, or doit science:TARGET."""
@@ -321,8 +344,11 @@ def make_task_generator(night):
         sci = science_frames(frames)
         ref_tasks, extra = reference_tasks(night, sets, sci)
         yield from ref_tasks
+        yield {"basename": "mastersky", "name": None, "doc": LIST_DOCS["mastersky"]}
+        msky_tasks, msky = mastersky_tasks(night, sets, sci)
+        yield from msky_tasks
         for fr in sci:
-            tasks, last = frame_tasks(night, sets, fr, extra.get(fr.file))
+            tasks, last = frame_tasks(night, sets, fr, extra.get(fr.file), msky.get(fr.file))
             by_target.setdefault(fr.target, []).append(f"{tasks[-1]['basename']}:{tasks[-1]['name']}")
             if last.name.startswith("t"):
                 groups.setdefault((fr.target, fr.filter), []).append(str(last))
@@ -377,6 +403,7 @@ def make_task_generator(night):
 LIST_DOCS = {
     **{STEP_NAMES[s]: STEP_DOCS[s] for s in IMPLEMENTED},
     "fieldref": "without a catalogue: one frame per target as its astrometric and flux reference",
+    "mastersky": "master sky per filter ([sky] master): illumination and fringe maps from dithered frames",
     "stack": "stack, catalogue and target magnitude per target and filter",
     "lightcurve": "light curve (BJD_TDB, calibrated and differential) per target and filter",
 }
