@@ -321,6 +321,7 @@ class NightSummary:
     problems: list            # one-line notes (unreadable products ...)
     total_frames: int = 0
     final_step: str = "t"     # the profile's last chain step (stacks follow only 't')
+    skies: list = field(default_factory=list)   # master skies: one-line texts
 
     def groups(self) -> list:
         """Frames by (target, filter), in order of first start time: [(key, [frames])]."""
@@ -570,7 +571,26 @@ def collect(night) -> NightSummary:
     uses = master_uses(summaries, masters, night.utdate)
     return NightSummary(night.utdate, profile.name, ndir, scale, summaries, _stack_summaries(ndir),
                         masters, uses, aside, ignored, _lightcurves(ndir), problems,
-                        total_frames=len(frames), final_step=final)
+                        total_frames=len(frames), final_step=final, skies=_master_skies(ndir))
+
+
+def _master_skies(ndir: Path) -> list:
+    """One line per master sky of the night (``[sky] master``): frames, corrections, holes,
+    or why it could not be made."""
+    from astropy.io import fits
+    out = []
+    for p in sorted((ndir / "mastersky").glob("mastersky_*.fits")):
+        try:
+            h = fits.getheader(p)
+        except OSError as exc:
+            out.append(f"{p.stem[10:]}: unreadable ({exc})")
+            continue
+        if not h.get("MSKYOK"):
+            out.append(f"{p.stem[10:]}: NOT BUILT: {h.get('MSKYWHY', '')}")
+            continue
+        out.append(f"{p.stem[10:]}: {h.get('NFRAMES')} frames, corrects {h.get('MSKYMODE', '')}, "
+                   f"{100 * float(h.get('MSKYEMPT', 0.0)):.1f} % of pixels with no frame")
+    return out
 
 
 def master_uses(frames, masters, utdate: str) -> list:

@@ -262,6 +262,10 @@ def format_report(summary: NightSummary, *, written: str = "", version: str = ""
                 state = f"verification FAIL: {', '.join(m.failed)}"
             L.append(f"  {m.imtype:5s} {clean_text(m.name, 44):44s} {m.nframes:3d} frame"
                      f"{' ' if m.nframes == 1 else 's'}  {state}")
+    if summary.skies:
+        L.append("Master skies")
+        for line in summary.skies:
+            L.append(f"  {clean_text(line, 110)}")
     # frames set aside, failed, rejected, pending
     L.append("")
     L.append(f"Frames set aside ({len(summary.set_aside)})")

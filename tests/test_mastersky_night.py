@@ -110,6 +110,8 @@ def test_master_made_from_the_first_frames_then_frozen(night):
     assert not any(_stem(f) in t for t in run3 for f in files[:4])
     assert {f"sky:{_stem(f)}" for f in files[4:]} <= run3
     assert executed(doit(night["dir"], "science").stdout) == set()
+    report = (night["dir"] / "report.txt").read_text()
+    assert "Master skies\n  i: 4 frames, corrects illumination,fringe, " in report
 
 
 def test_fringes_and_illumination_removed_against_truth(night):
