@@ -177,9 +177,10 @@ def test_sky_and_cosmics_against_truth(night):
                 star_pix += on.sum()
                 star_flag += np.count_nonzero(on & ((mask & COSMIC) != 0))
     assert total > 100
-    # the target is 95 %; single-frame L.A.Cosmic reaches ~80-85 % of the pixels
-    # above 5 sigma here (it misses faint pixels at the edges of tracks): hold that level
-    assert found / total >= 0.75, (found, total)
+    # the target is 95 %; L.A.Cosmic + the z step's second pass (PSF test, growing)
+    # flag 89.5 % of the pixels above 5 sigma here (119 of 133; L.A.Cosmic alone ~80-85 %),
+    # 0 of 49553 star pixels (what is still missed: reducer/ops/cosmics.py): hold that level
+    assert found / total >= 0.85, (found, total)
     assert star_flag / star_pix < 1e-3, (star_flag, star_pix)
 
 
