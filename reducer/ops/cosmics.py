@@ -171,6 +171,17 @@ class CosmicResult:
     psf_fwhm : float
         Seeing FWHM [pixel] the PSF test used (given or estimated); NaN when the test
         did not run (off, or too few stars to estimate it).
+    npix_compare : int
+        Pixels flagged by the comparison with the companion exposures and by no
+        single-frame pass (:mod:`reducer.ops.crcompare`).
+    ncompanions : int
+        Companions used in the comparison (registered and scaled).
+    companions : tuple of :class:`~reducer.ops.crcompare.CompanionFit`
+        One per companion given: used or not (and why), shift (dy, dx) [pixel], flux
+        scale, matched stars; empty when none was given or ``compare`` is off.
+    npix_cleared : int
+        Single-frame flags the comparison cleared: on a source all the companions show,
+        not above their model (a star, not a cosmic ray).
     """
 
     data: np.ndarray
@@ -178,6 +189,10 @@ class CosmicResult:
     ncosmic: int
     npix_second: int = 0
     psf_fwhm: float = float("nan")
+    npix_compare: int = 0
+    ncompanions: int = 0
+    companions: tuple = ()
+    npix_cleared: int = 0
 
     @property
     def npix(self) -> int:
@@ -502,7 +517,9 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
                   cleantype: str = "meanmask", sepmed: bool = True,
                   sat_protect_px: float = 8.0, mask_bits: int = UNUSABLE,
                   psf_test: bool = True, psf_delta: float = 9.0,
-                  grow_sigma: float = 3.0) -> CosmicResult:
+                  grow_sigma: float = 3.0, unc_e=None, companions=None,
+                  compare: bool = True, compare_nsigma: float = 4.5,
+                  compare_scale_noise: float = 0.15) -> CosmicResult:
     """Detect and repair cosmic rays in a sky-subtracted image in electrons.
 
     Parameters
@@ -570,6 +587,23 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
     grow_sigma : float
         Second pass, growing: neighbours of flagged pixels above this many sigma over
         their local median (off stars) are flagged too, iterated; 0 = off.
+    unc_e : ndarray (ny, nx) or float, optional
+        1-sigma uncertainty of ``data_e`` [e-], for the comparison with companions;
+        default the noise model ``sqrt(max(data_e + sky_e, 0) + rdnoise_e^2)``.
+    companions : sequence of (data_e, unc_e, mask), optional
+        0 to 4 other exposures of the same detector, field and filter (sky-subtracted
+        [e-], 1-sigma uncertainty [e-], uint16 bitmask or None), not registered: pixels
+        above the model they give of this frame are flagged too
+        (:func:`reducer.ops.crcompare.compare_companions`).  None, none usable or
+        ``compare=False``: the single-frame result, unchanged.
+    compare : bool
+        Use the companions when given.
+    compare_nsigma : float
+        Seed limit of the comparison [sigma_d] (module docstring of
+        :mod:`reducer.ops.crcompare`).
+    compare_scale_noise : float
+        Fraction of the companions' model added to the comparison's noise (seeing
+        differences, misregistration on stars).
 
     Returns
     -------
@@ -615,6 +649,14 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
         raise ValueError("fwhm_px must be > 0")
     if not (psf_delta > 0 and grow_sigma >= 0):
         raise ValueError("need psf_delta > 0 and grow_sigma >= 0")
+    if not (compare_nsigma > 0 and compare_scale_noise >= 0):
+        raise ValueError("need compare_nsigma > 0 and compare_scale_noise >= 0")
+    if companions is not None and len(companions) > 8:
+        raise ValueError(f"at most 8 companions, got {len(companions)}")
+    if unc_e is not None:
+        unc_arr = np.asarray(unc_e, dtype=np.float32)
+        if unc_arr.ndim and unc_arr.shape != shape:
+            raise ValueError(f"unc_e shape {unc_arr.shape} differs from the data shape {shape}")
     try:
         import astroscrappy
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -684,18 +726,45 @@ def clean_cosmics(data_e: np.ndarray, mask: np.ndarray | None = None, *, sky_e,
         if grow_sigma > 0 and crmask.any():
             crmask = _grow(np.where(bad, 0.0, d.astype(np.float64)), rep, sky, float(rdnoise_e),
                            crmask, excl, float(grow_sigma))
-        if (crmask & ~first).any():
-            # repair every flagged pixel again with the final mask: the mean of the
-            # unflagged, unmasked pixels of its 5 x 5 box (astroscrappy's 'meanmask')
-            holes = crmask | bad
-            vals = _fill_from_neighbours(np.where(bad, 0.0, d.astype(np.float64)), holes,
-                                         np.zeros(shape))
-            filled = np.zeros(shape)
-            filled[holes] = vals
-            out = np.array(d, dtype=np.float32, copy=True)
-            out[crmask] = filled[crmask].astype(np.float32)
+
+    # comparison with the companion exposures (reducer.ops.crcompare): the pixels above
+    # the model they give of this frame, and growing there from every flag
+    single = crmask
+    fits: tuple = ()
+    ncleared = 0
+    if compare and companions:
+        from .crcompare import compare_companions
+        if unc_e is None:
+            unc = np.sqrt(np.maximum(d.astype(np.float64) + sky, 0.0)
+                          + float(rdnoise_e) ** 2).astype(np.float32)
+        else:
+            unc = unc_arr
+        cmp = compare_companions(d, unc, bad | ~np.isfinite(total) | (total >= float(saturate_e)),
+                                 companions, nsigma=float(compare_nsigma),
+                                 scale_noise=float(compare_scale_noise), start=crmask,
+                                 mask_bits=mask_bits)
+        fits = cmp.companions
+        if cmp.cleared is not None:
+            ncleared = int(np.count_nonzero(crmask & cmp.cleared))
+            crmask = crmask & ~cmp.cleared
+            single = crmask
+        crmask = crmask | (cmp.crmask & ~bad)
+
+    if (crmask & ~first).any():
+        # repair every flagged pixel again with the final mask: the mean of the
+        # unflagged, unmasked pixels of its 5 x 5 box (astroscrappy's 'meanmask')
+        holes = crmask | bad
+        vals = _fill_from_neighbours(np.where(bad, 0.0, d.astype(np.float64)), holes,
+                                     np.zeros(shape))
+        filled = np.zeros(shape)
+        filled[holes] = vals
+        out = np.array(d, dtype=np.float32, copy=True)
+        out[crmask] = filled[crmask].astype(np.float32)
 
     from scipy.ndimage import label
     _, nev = label(crmask, structure=np.ones((3, 3), bool))
     return CosmicResult(data=out, crmask=crmask, ncosmic=int(nev),
-                        npix_second=int(np.count_nonzero(crmask & ~first)), psf_fwhm=fwhm_used)
+                        npix_second=int(np.count_nonzero(single & ~first)), psf_fwhm=fwhm_used,
+                        npix_compare=int(np.count_nonzero(crmask & ~single)),
+                        ncompanions=sum(1 for c in fits if c.used), companions=fits,
+                        npix_cleared=ncleared)
