@@ -19,6 +19,7 @@ cosmic-ray deposit (a flag there may be right).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -92,8 +93,13 @@ def _cosmic_rays(rng, shape, n, edge_hits=True):
 
 
 def scene(seed, *, sky="gradient", level=1000.0, nstars=40, fwhm=2.8, ncr=80, nsat=2,
-          shape=SHAPE):
-    """A synthetic frame in e- with its truth (dict)."""
+          shape=SHAPE, field=None, offset=(0.0, 0.0), transparency=1.0):
+    """A synthetic frame in e- with its truth (dict).
+
+    With ``field`` (dict of star ``x``, ``y`` [pixel, reference frame] and ``flux`` [e-],
+    :func:`star_field`) the stars are those, seen at ``offset`` (dx, dy) [pixel] (frame
+    pixel = reference pixel + offset) through ``transparency``, instead of ``nstars``
+    drawn here."""
     rng = np.random.default_rng(seed)
     ny, nx = shape
     yy, xx = np.mgrid[0:ny, 0:nx]
@@ -109,9 +115,15 @@ def scene(seed, *, sky="gradient", level=1000.0, nstars=40, fwhm=2.8, ncr=80, ns
     beta = 3.0
     alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
     norm = (beta - 1.0) / (math.pi * alpha ** 2)
-    xs, ys = rng.uniform(6, nx - 7, nstars), rng.uniform(6, ny - 7, nstars)
-    peak = np.exp(rng.uniform(np.log(50.0), np.log(0.95 * (SAT - 1.2 * level)), nstars))
-    peak[:nsat] = 3.0 * SAT  # saturated stars
+    if field is None:
+        xs, ys = rng.uniform(6, nx - 7, nstars), rng.uniform(6, ny - 7, nstars)
+        peak = np.exp(rng.uniform(np.log(50.0), np.log(0.95 * (SAT - 1.2 * level)), nstars))
+        peak[:nsat] = 3.0 * SAT  # saturated stars
+    else:
+        xs, ys = field["x"] + offset[0], field["y"] + offset[1]
+        on = (xs > -15) & (xs < nx + 14) & (ys > -15) & (ys < ny + 14)
+        xs, ys = xs[on], ys[on]
+        peak = field["flux"][on] * transparency * norm
     stars = _moffat(shape, xs, ys, peak / norm, fwhm, beta)
     expected = skymap + stars
     dep = _cosmic_rays(rng, shape, ncr) if ncr else np.zeros(shape)
@@ -125,6 +137,42 @@ def scene(seed, *, sky="gradient", level=1000.0, nstars=40, fwhm=2.8, ncr=80, ns
         near |= (xx - x) ** 2 + (yy - y) ** 2 <= (2.0 * fwhm) ** 2
     return dict(data=data.astype(np.float32), mask=mask, sky=skymap, stars=stars, dep=dep,
                 var=expected + RN ** 2, xs=xs, ys=ys, peak=peak, fwhm=fwhm, near=near)
+
+
+def star_field(seed, *, nstars=60, nsat=2, fwhm=2.8, level=1000.0, shape=SHAPE, margin=25.0):
+    """Stars of a field seen by dithered frames: x, y [pixel, reference frame] over the
+    frame plus ``margin``, and flux [e-] (peaks 50 e- to 95 % of saturation at ``fwhm``,
+    ``nsat`` saturated)."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    beta = 3.0
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    norm = (beta - 1.0) / (math.pi * alpha ** 2)
+    xs = rng.uniform(6 - margin, nx - 7 + margin, nstars)
+    ys = rng.uniform(6 - margin, ny - 7 + margin, nstars)
+    peak = np.exp(rng.uniform(np.log(50.0), np.log(0.95 * (SAT - 1.2 * level)), nstars))
+    peak[:nsat] = 3.0 * SAT
+    return dict(x=xs, y=ys, flux=peak / norm)
+
+
+def dithered_scenes(seed, fwhm, ncomp=3, *, dither=20.0):
+    """A frame and ``ncomp`` companions of the same star field (:func:`star_field`):
+    companions dithered by up to ``dither`` px (sub-pixel), seeing FWHM x (0.85-1.15),
+    transparency x (0.9-1.1), their own noise and cosmic rays.  Each scene dict also
+    holds ``offset`` (dx, dy) [pixel] (companion pixel = frame pixel + offset) and
+    ``transparency``."""
+    rng = np.random.default_rng(5000 + seed)
+    field = star_field(seed + 7000, fwhm=fwhm)
+    out = []
+    for k in range(ncomp + 1):
+        off = (0.0, 0.0) if k == 0 else tuple(rng.uniform(-dither, dither, 2))
+        fw = fwhm if k == 0 else fwhm * rng.uniform(0.85, 1.15)
+        tr = 1.0 if k == 0 else rng.uniform(0.9, 1.1)
+        s = scene(100 * seed + k, sky="gradient", fwhm=fw, field=field, offset=off,
+                  transparency=tr)
+        s.update(offset=off, transparency=tr)
+        out.append(s)
+    return out
 
 
 # --------------------------------------------------------------------------- sky
@@ -343,12 +391,105 @@ def test_cosmics_aggregate(cosmic_runs):
     assert f["strong"] >= 0.90, f               # measured 91.3 %
 
 
-@pytest.mark.xfail(strict=True, reason="measured 91.3 % of the > 5 sigma cosmic-ray pixels: "
-                   "broad spots as wide as the PSF (FWHM 2.0-2.2 px frames) cannot be told from "
-                   "stars in one frame (see reducer/ops/cosmics.py)")
-def test_cosmics_goal_95_percent_of_5_sigma_pixels(cosmic_runs):
-    f, _ = _aggregate(cosmic_runs)
-    assert f["strong"] >= 0.95
+def _companion_triple(s):
+    """(sky-subtracted data, 1-sigma uncertainty, mask) of a scene, as the s step gives."""
+    sub = (s["data"] - s["sky"]).astype(np.float32)
+    unc = np.sqrt(np.maximum(s["data"], 0.0) + RN ** 2).astype(np.float32)
+    return sub, unc, s["mask"]
+
+
+@pytest.fixture(scope="module")
+def dithered_runs(cosmics):
+    """Every synthetic frame setting of COSMIC_SCENES as a dithered set (a frame + 3
+    companions, :func:`dithered_scenes`), the frame cleaned alone and with its first 2
+    and 3 companions: {seed: (scenes, triples, copies, {ncomp: result})}."""
+    runs = {}
+    for seed, fwhm in COSMIC_SCENES:
+        sc = dithered_scenes(seed, fwhm, 3)
+        tri = [_companion_triple(s) for s in sc]
+        copies = [tuple(a.copy() for a in t) for t in tri]
+        s = sc[0]
+        res = {}
+        for n in (0, 2, 3):
+            res[n] = cosmics.clean_cosmics(tri[0][0], s["mask"], sky_e=s["sky"], rdnoise_e=RN,
+                                           saturate_e=SAT, unc_e=tri[0][1],
+                                           companions=tri[1:1 + n] if n else None)
+        runs[seed] = (sc, tri, copies, res)
+    return runs
+
+
+def _aggregate_dithered(dithered_runs, n):
+    runs = {seed: (sc[0], None, res[n], None) for seed, (sc, _, _, res) in dithered_runs.items()}
+    f, den = _aggregate(runs)
+    noise = sum(int((res[n].crmask & ~sc[0]["near"] & ~_touched(sc[0]["dep"])).sum())
+                for sc, _, _, res in dithered_runs.values())
+    return f, den, noise
+
+
+@pytest.mark.parametrize("ncomp", [
+    pytest.param(0, marks=pytest.mark.xfail(
+        strict=True, reason="one frame alone: measured 91.3 % of the > 5 sigma cosmic-ray "
+        "pixels: broad spots as wide as the PSF (FWHM 2.0-2.2 px frames) cannot be told from "
+        "stars in one frame (see reducer/ops/cosmics.py)")),
+    2, 3])
+def test_cosmics_goal_95_percent_of_5_sigma_pixels(cosmic_runs, dithered_runs, ncomp):
+    """Issue 4's goal: >= 95 % of the > 5 sigma cosmic-ray pixels, < 0.1 % of the star
+    pixels.  One frame alone falls short; with 2 or 3 dithered companions (the comparison
+    of reducer/ops/crcompare.py) it is reached.  Measured on the 8 dithered sets (frame
+    alone / 2 / 3 companions): strong 88.3 / 97.7 / 98.4 %, > 10 sigma 94.0 / 98.9 /
+    99.6 %, > 20 sigma 96.6 / 99.1 / 99.6 %, star pixels 0.81 / 0.035 / 0.032 % (the
+    comparison clears single-frame flags on stars the companions show), noise pixels
+    flagged 19 / 21 / 18 of 468 000."""
+    if ncomp == 0:
+        f, _ = _aggregate(cosmic_runs)
+        assert f["strong"] >= 0.95
+        return
+    f, den, noise = _aggregate_dithered(dithered_runs, ncomp)
+    assert den["strong"] > 3000 and den["star"] > 20000, den
+    assert f["strong"] >= 0.95, f
+    assert f["gt10"] >= 0.98 and f["gt20"] >= 0.98, f
+    assert f["star"] < 0.001, f
+    assert noise < 1e-4 * len(dithered_runs) * SHAPE[0] * SHAPE[1], noise
+    # against the same frames alone: the comparison adds, and clears flags on stars
+    f0, _, _ = _aggregate_dithered(dithered_runs, 0)
+    assert f["strong"] > f0["strong"] + 0.05 and f["star"] < f0["star"], (f, f0)
+
+
+@pytest.mark.parametrize("ncomp", [2, 3])
+@pytest.mark.parametrize("seed", [sd for sd, _ in COSMIC_SCENES])
+def test_cosmics_with_companions(dithered_runs, seed, ncomp):
+    sc, tri, copies, res = dithered_runs[seed]
+    r = res[ncomp]
+    s = sc[0]
+    for t, c in zip(tri, copies):                      # inputs (companions too) unchanged
+        for a, b in zip(t, c):
+            np.testing.assert_array_equal(a, b)
+    # every companion registered (shift = its dither, to 0.1 px) and scaled (transparency)
+    assert r.ncompanions == ncomp and len(r.companions) == ncomp
+    for k, c in enumerate(r.companions, start=1):
+        dx, dy = sc[k]["offset"]
+        assert c.used and c.why == "" and c.index == k - 1
+        assert c.shift == pytest.approx((dy, dx), abs=0.1), (c, sc[k]["offset"])
+        assert c.scale == pytest.approx(sc[k]["transparency"], rel=0.03), c
+        assert c.nstars >= 5 and c.resid_px < 0.35
+    # the comparison's own pixels and the single-frame flags it cleared (on stars)
+    assert r.npix_compare > 0
+    assert r.npix_compare == int((r.crmask & ~res[0].crmask).sum())
+    assert r.npix_cleared == int((res[0].crmask & ~r.crmask).sum())
+    # never a masked pixel; unflagged pixels are the input, bit for bit; COSMIC bit
+    assert not r.crmask[s["mask"] != 0].any()
+    np.testing.assert_array_equal(r.data[~r.crmask], tri[0][0][~r.crmask])
+    assert r.ncosmic == label(r.crmask, structure=np.ones((3, 3)))[1]
+    np.testing.assert_array_equal((r.flag(s["mask"]) & bits.COSMIC) != 0, r.crmask)
+    # repaired values on blank sky (the final mask's 5 x 5 mean)
+    sig = np.sqrt(s["var"])
+    rep = r.crmask & (s["dep"] > 5 * sig) & (s["stars"] < 0.5 * sig)
+    err = (r.data[rep] - s["stars"][rep]) / sig[rep]
+    assert rep.sum() > 100
+    assert abs(err.mean()) < 0.35 and err.std() < 0.8, (err.mean(), err.std())
+    # per frame: loose floors (the aggregate is test_cosmics_goal_95_percent_of_5_sigma_pixels)
+    sc_ = _score(s, r)
+    assert sc_["strong"] >= 0.90 and sc_["gt10"] >= 0.90 and sc_["fp_star"] < 0.005, sc_
 
 
 def _spots_and_stars(seed, *, fwhm, star_snr, spot_sigma=None, spot_e=0.0, shape=(96, 96)):
@@ -539,8 +680,6 @@ def test_cosmics_convolve_mode_runs(cosmics, cosmic_runs):
 @pytest.fixture(scope="module")
 def sim_frames(tmp_path_factory):
     """Calibrated science frames (e-) of one small simulated night, with their truth."""
-    from astropy.io import fits
-
     from reducer.testing import Target, make_night
 
     root = tmp_path_factory.mktemp("skycr")
@@ -548,6 +687,14 @@ def sim_frames(tmp_path_factory):
                                                        dither=0.0)],
                      filters=("r",), nbias=0, ndark=0, nflat=0, standard=False,
                      shape=(320, 352), stars_per_field=3000, cr_rate=3.0)
+    return _calibrated(sim)
+
+
+def _calibrated(sim):
+    """Every science frame of a simulated night calibrated to e- from its truth: a list of
+    dicts (one per frame and detector) with data, mask, truth and noise figures."""
+    from astropy.io import fits
+
     out = []
     for fr in sim.frames("science"):
         with fits.open(sim.path(fr)) as hdul:
@@ -636,3 +783,132 @@ def _stars_e(fr, f):
     st = fr["detectors"][f["det"]]["stars"]
     return _moffat(f["data"].shape, st["x"], st["y"], st["flux"], fr["fwhm_px"], fr["beta"],
                    sub=3, rad=12)
+
+
+# --------------------------------------------------------------------------- simulator, dithered
+@pytest.fixture(scope="module")
+def sim_dithered(tmp_path_factory):
+    """Four dithered 300 s exposures (dither amplitude 30 px) of one field in r, calibrated
+    to e- from truth, sky-subtracted (the s step), with their 1-sigma uncertainty."""
+    from reducer.testing import Target, make_night
+
+    root = tmp_path_factory.mktemp("skycr_dither")
+    sim = make_night(root / "raw", 11, targets=[Target("SKYCR", dec=20.0, exptime=300.0, nexp=4,
+                                                       dither=30.0)],
+                     filters=("r",), nbias=0, ndark=0, nflat=0, standard=False,
+                     shape=(320, 352), stars_per_field=3000, cr_rate=3.0)
+    out = _calibrated(sim)
+    for f in out:
+        res = estimate_sky(f["data"], f["mask"], fwhm_px=f["fr"]["fwhm_px"])
+        f["sub"], _ = subtract_sky(f["data"], None, res.sky)
+        f["sky"] = res.sky
+        f["unc"] = (np.sqrt(np.maximum(f["data"] * f["resp"] + f["dark"], 0.0) + f["rn"] ** 2)
+                    / f["resp"]).astype(np.float32)
+    return out
+
+
+def _sim_sets(f):
+    """Truth pixel sets of a calibrated simulator frame: strong (> 5 sigma), > 10 and
+    > 20 sigma cosmic-ray pixels, star pixels, and blank-sky noise pixels."""
+    fr = f["fr"]
+    collected = (fr["sky_e"] + _stars_e(fr, f)) * f["resp"] + f["dark"]
+    snr = f["dep"] / np.sqrt(collected + f["rn"] ** 2)
+    good = f["mask"] == 0
+    st = fr["detectors"][f["det"]]["stars"]
+    shape = f["data"].shape
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    near = np.zeros(shape, bool)
+    r = 2.0 * fr["fwhm_px"]
+    for x, y in zip(st["x"], st["y"]):
+        y0, x0 = int(max(y - r - 1, 0)), int(max(x - r - 1, 0))
+        win = (slice(y0, int(y + r + 2)), slice(x0, int(x + r + 2)))
+        near[win] |= (xx[win] - x) ** 2 + (yy[win] - y) ** 2 <= r * r
+    return {"strong": (snr > 5) & good, "gt10": (snr > 10) & good, "gt20": (snr > 20) & good,
+            "star": near & good & ~_touched(f["dep"]),
+            "noise": ~near & good & ~_touched(f["dep"])}
+
+
+@pytest.mark.parametrize("ncomp", [0, 2, 3])
+def test_simulator_cosmics_with_companions(sim_dithered, cosmics, ncomp):
+    """Each of the 4 exposures x 2 detectors against its first ``ncomp`` companions (the
+    same detector in the other exposures; dithers up to 64 px between them).  Measured
+    (seed 11; alone / 2 / 3 companions): > 5 sigma 80.7 / 95.9 / 96.7 % of 4762 pixels,
+    > 10 sigma 91.3 / 98.6 / 98.8 % of 2171, > 20 sigma 95.2 / 99.8 / 99.8 % of 480,
+    star pixels 0.054 / 0.044 / 0.003 % of 93280, noise pixels 32 / 35 / 30 of 650360."""
+    num, den = {}, {}
+    for i, f in enumerate(sim_dithered):
+        others = [g for j, g in enumerate(sim_dithered) if g["det"] == f["det"] and j != i][:ncomp]
+        r = cosmics.clean_cosmics(f["sub"], f["mask"], sky_e=f["sky"], rdnoise_e=f["rn"],
+                                  saturate_e=f["sat_e"], unc_e=f["unc"],
+                                  companions=[(g["sub"], g["unc"], g["mask"]) for g in others])
+        assert r.ncompanions == ncomp, r.companions
+        for c, g in zip(r.companions, others):       # shift: the truth stars' positions
+            a = f["fr"]["detectors"][f["det"]]["stars"]
+            b = g["fr"]["detectors"][g["det"]]["stars"]
+            _, ia, ib = np.intersect1d(a["id"], b["id"], return_indices=True)
+            dy = float(np.median(np.asarray(b["y"])[ib] - np.asarray(a["y"])[ia]))
+            dx = float(np.median(np.asarray(b["x"])[ib] - np.asarray(a["x"])[ia]))
+            assert c.shift == pytest.approx((dy, dx), abs=0.1), (c, dy, dx)
+            assert c.resid_px < 0.3 and c.scale == pytest.approx(1.0, abs=0.06)
+        assert not r.crmask[f["mask"] != 0].any()
+        for k, sel in _sim_sets(f).items():
+            num[k] = num.get(k, 0) + int(r.crmask[sel].sum())
+            den[k] = den.get(k, 0) + int(sel.sum())
+    frac = {k: num[k] / den[k] for k in num}
+    assert den["strong"] > 4000 and den["star"] > 80000, den
+    assert frac["star"] < 0.001, frac
+    assert num["noise"] < 1e-4 * den["noise"], num
+    if ncomp == 0:
+        assert frac["strong"] >= 0.75, frac
+    else:
+        assert frac["strong"] >= 0.95, frac
+        assert frac["gt10"] >= 0.98 and frac["gt20"] >= 0.98, frac
+
+
+def test_cosmics_companions_refused_or_off(cosmics, dithered_runs):
+    """A companion that cannot be registered (another field, a dither beyond the limit,
+    another shape) is refused with its reason; with none used, or ``compare=False``, or
+    no companions, the result is the single-frame one exactly."""
+    from reducer.ops.crcompare import compare_companions
+
+    sc, tri, _, res = dithered_runs[COSMIC_SCENES[0][0]]
+    s = sc[0]
+    alone = res[0]
+    other = dithered_scenes(99, 2.8, 0)[0]             # another star field
+    kw = dict(sky_e=s["sky"], rdnoise_e=RN, saturate_e=SAT, unc_e=tri[0][1])
+    cases = {
+        "field": [_companion_triple(other)],
+        "shape": [tuple(a[:200] for a in tri[1])],
+    }
+    whys = {"field": "correlation peak|stars", "shape": "shape"}
+    for name, comps in cases.items():
+        r = cosmics.clean_cosmics(tri[0][0], s["mask"], companions=comps, **kw)
+        assert r.ncompanions == 0 and not r.companions[0].used
+        assert re.search(whys[name], r.companions[0].why), r.companions[0]
+        np.testing.assert_array_equal(r.crmask, alone.crmask)
+        np.testing.assert_array_equal(r.data, alone.data)
+        assert r.npix_compare == 0 and r.npix_cleared == 0
+    for comps, compare in ((tri[1:3], False), ([], True), (None, True)):
+        r = cosmics.clean_cosmics(tri[0][0], s["mask"], companions=comps, compare=compare, **kw)
+        np.testing.assert_array_equal(r.crmask, alone.crmask)
+        np.testing.assert_array_equal(r.data, alone.data)
+        assert r.companions == () and r.ncompanions == 0
+    # a dither beyond max_shift is refused; pixels no companion covers are never flagged
+    bad = s["mask"] != 0
+    c = compare_companions(tri[0][0], tri[0][1], bad, tri[1:2], max_shift=2.0)
+    assert not c.companions[0].used and c.nused == 0 and not c.crmask.any()
+    c = compare_companions(tri[0][0], tri[0][1], bad, tri[1:3])
+    assert c.nused == 2 and c.covered.mean() < 0.99 and c.covered.mean() > 0.7
+    assert not (c.crmask & ~c.covered).any() and not (c.crmask & bad).any()
+    assert np.isnan(c.model[~c.covered]).all()
+
+
+def test_cosmics_companions_errors(cosmics):
+    img = np.zeros((32, 32), np.float32)
+    kw = dict(sky_e=100.0, rdnoise_e=RN, saturate_e=SAT)
+    with pytest.raises(ValueError, match="triple"):
+        cosmics.clean_cosmics(img, None, companions=[(img, img)], **kw)
+    with pytest.raises(ValueError, match="compare_nsigma"):
+        cosmics.clean_cosmics(img, None, compare_nsigma=0, **kw)
+    with pytest.raises(ValueError, match="unc_e shape"):
+        cosmics.clean_cosmics(img, None, unc_e=np.ones((31, 32)), **kw)
