@@ -129,7 +129,21 @@ The goal of >= 95 % of the strong pixels is not reached.  What is left, and why:
   families there, and growing is not done on stars (to protect them); a single-pixel
   event 3 px from a FWHM 2 px star of S/N 50 is found only by L.A.Cosmic.
 
-Those are left to the sigma-clipped stack of dithered frames.
+Those are left to the comparison with companion exposures (below) and to the
+sigma-clipped stack of dithered frames.
+
+Comparison with companion exposures (``companions``, ``compare``)
+-----------------------------------------------------------------
+Given other dithered exposures of the same detector, field and filter (sky-subtracted,
+with their uncertainty and mask, not registered), :mod:`reducer.ops.crcompare`
+registers and scales each, builds a model of this frame from them and flags the pixels
+above it (``compare_nsigma`` = 4.5 sigma, with ``compare_scale_noise`` = 0.15 of the
+model in the noise), grows every flag into neighbours above the model, and clears the
+single-frame flags on sources all the companions show.  The goal is reached there: >=
+95 % of the strong pixels with 2 companions (synthetic 97.7 %, simulator 95.9 %; star
+pixels 0.035 % / 0.044 %), figures in that module's docstring.  Without companions,
+none usable, or ``compare = false``, the result is the single-frame one, bit for bit.
+Settings (``[cosmics]``): ``compare``, ``compare_nsigma``, ``compare_scale_noise``.
 
 Borders: astroscrappy neither cleans nor fully detects within 2 pixels of the edges; the
 image is padded by reflection (8 pixels) for the call and cropped afterwards.

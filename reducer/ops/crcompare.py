@@ -39,6 +39,40 @@ Steps
    into 8-connected neighbours with ``data - model > grow_sigma * sigma_d`` (iterated).
    Masked pixels and pixels no usable companion covers are never flagged.
 
+6. Single-frame flags (L.A.Cosmic, PSF test) on pixels the companions show as a source
+   (model above ``veto_snr`` = 5 sigma) and that do not exceed the model by
+   ``grow_sigma`` are *cleared*: a star seen in every exposure, not a cosmic ray.
+
+Measured (``tests/test_sky_cosmics.py``; the frame alone / with 2 / with 3 companions)
+---------------------------------------------------------------------------------------
+Synthetic: 8 dithered sets (256 x 256, sky 1000 e-, FWHM 2.0-3.5 px, companions dithered
+by up to 20 px sub-pixel, FWHM x 0.85-1.15, transparency x 0.9-1.1, their own noise
+and cosmic rays).  Simulator: 4 dithered 300 s exposures x 2 detectors (sky 5 000-9 400
+e-, dithers up to 64 px between exposures), each against the others.
+
+==========  ======================  ======================  ======================
+            > 5 sigma flagged       star pixels flagged     noise pixels flagged
+==========  ======================  ======================  ======================
+synthetic   88.3 / 97.7 / 98.4 %    0.81 / 0.035 / 0.032 %  19 / 21 / 18 of 468 k
+simulator   80.7 / 95.9 / 96.7 %    0.054 / 0.044 / 0.003 % 32 / 35 / 30 of 650 k
+==========  ======================  ======================  ======================
+
+(> 10 sigma: synthetic 94.0 / 98.9 / 99.6 %, simulator 91.3 / 98.6 / 98.8 %; > 20 sigma
+96.6 / 99.1 / 99.6 % and 95.2 / 99.8 / 99.8 %.)  The shifts agree with the truth to
+< 0.1 px (matched-star rms 0.10-0.16 px), the scales with the transparency to < 3 %.
+The single-frame star-pixel figure of the synthetic sets (0.81 %) is whole blended or
+edge-cut bright stars flagged by the single-frame passes; step 6 clears them.
+Tuning (simulator, 2 companions; synthetic in brackets): ``scale_noise`` 0.10 / 0.15 /
+0.20 gives 96.4 / 95.9 / 95.3 % (97.9 / 97.7 / 97.5 %) with star pixels 0.044 % on the
+simulator each and 0.06 / 0.035 / 0.03 % synthetic, noise pixels 54 / 35 / 35;
+``nsigma`` 4.0 / 4.5 / 5.0 gives 96.2 / 95.9 / 95.0 % with 44 / 35 / 33 noise pixels.
+What remains unflagged: pixels of 5-6 sigma at the faint edges of events that fail
+``grow_sigma`` and events on bright star cores (the ``scale_noise`` term).
+
+Cost: 1.2-2.0 s for a 2048 x 4096 frame with 2 companions (float32; registration
+~0.25 s per companion), against ~10.5 s for L.A.Cosmic and the second pass on that frame
+(measured on the shared 2-core machine).
+
 Moving objects (asteroids) and variable stars are in one exposure only, too: they are
 flagged like cosmic rays where the comparison runs.
 
