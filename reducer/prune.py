@@ -137,13 +137,17 @@ class ChainUnchanged:
 
 
 def external_deps(chain_tasks: list) -> list:
-    """The files a frame's chain reads that it does not make itself (raw, masters, defects)."""
+    """The files a frame's chain reads that it does not make itself (raw, masters, defects,
+    field references), without the other frames' products beside its own (the z step's
+    companions: pruned with it, so a pruned chain rebuilt later does without them)."""
     made = {t for task in chain_tasks for t in task["targets"]}
+    folder = os.path.dirname(chain_tasks[-1]["targets"][0])
     out = []
     for task in chain_tasks:
         for d in task["file_dep"]:
-            if d not in made and d not in out:
-                out.append(d)
+            if d in made or d in out or (d.endswith(".fits") and os.path.dirname(d) == folder):
+                continue
+            out.append(d)
     return out
 
 
@@ -167,7 +171,8 @@ def pruned_chain_task(night, frame, chain_tasks: list) -> dict:
     plan = []
     for t in chain_tasks:
         (fn, args), = t["actions"]
-        plan.append((fn, [{"product": Path(a).name} if a in products else a for a in args]))
+        plan.append((fn, [{"product": Path(a).name} if isinstance(a, str) and a in products else a
+                          for a in args]))
     return {
         "basename": last["basename"], "name": last["name"],
         "actions": [(run_pruned_chain, [str(night.dir), frame.file, plan, out, digest])],
@@ -372,6 +377,7 @@ def _prune(night, targets, dry_run: bool) -> list:
         night_wide = _pending(dep, tasks, [n for n in tasks
                                            if n == "inventory" or n.startswith("calib:")])
         results, to_save, to_forget, to_delete, manifests = [], [], [], [], {}
+        keep = _kept_chains(tasks, dicts, by_target, users)
         for target in sorted(chosen):
             pending = night_wide + _pending(dep, tasks, _closure(tasks, f"science:{target}"))
             if pending:
@@ -401,6 +407,8 @@ def _prune(night, targets, dry_run: bool) -> list:
                     continue       # a one-step chain has nothing to prune
                 own = {f"{t['basename']}:{t['name']}" for t in chain_tasks}
                 others = sorted({u for p in inter for u in users.get(str(p), ())} - own)
+                if others and stem not in keep:
+                    others = []        # read only by chains pruned with it (z companions)
                 if others:
                     # e.g. a field reference made from this frame's zsfp: keep its chain
                     res.kept.append((fr.file, f"read by {', '.join(others)}"))
@@ -441,6 +449,34 @@ def _prune(night, targets, dry_run: bool) -> list:
     if report_fresh and (to_delete or manifests):
         _refresh_report_signature(night)
     return results
+
+
+def _kept_chains(tasks: dict, dicts: dict, by_target: dict, users: dict) -> set:
+    """Stems of the frames whose chains must be kept whole: an intermediate of theirs is
+    read by a task that is not a chain step of the same target (a field reference), or by
+    the chain of a frame kept itself (the z step's companions), to a fixed point."""
+    from .products import STEP_NAMES, raw_stem
+    chain_of, target_of, inter_of = {}, {}, {}
+    for target, frames in by_target.items():
+        for fr in frames:
+            stem = raw_stem(fr.file)
+            names = [n for n in (f"{b}:{stem}" for b in STEP_NAMES.values()) if n in dicts]
+            if len(names) < 2:
+                continue
+            for n in names:
+                chain_of[n] = stem
+            target_of[stem] = target
+            inter_of[stem] = [dicts[n]["targets"][0] for n in names[:-1]]
+    readers = {stem: {u for p in paths for u in users.get(str(p), ())} for stem, paths in inter_of.items()}
+    keep = {stem for stem, rd in readers.items()
+            if any(chain_of.get(u) is None or target_of.get(chain_of[u]) != target_of[stem]
+                   for u in rd if chain_of.get(u) != stem)}
+    while True:
+        more = {stem for stem, rd in readers.items() if stem not in keep
+                and any(chain_of.get(u) in keep for u in rd if chain_of.get(u) != stem)}
+        if not more:
+            return keep
+        keep |= more
 
 
 def _report_fresh(night) -> bool:

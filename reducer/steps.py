@@ -254,32 +254,73 @@ def run_sky(night_dir: str, filename: str, src: str, out: str, mastersky: str = 
 
 
 # --------------------------------------------------------------------------- z
-def _cosmics(night, prod: Product) -> Product:
+def _companion_products(paths) -> tuple[list, list]:
+    """The companion frames' products the z step compares with: (name, Product) of those
+    that are there and went through, and one-line notes on the others."""
+    comps, notes = [], []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            notes.append(f"{p.name}: not there (pruned)")
+            continue
+        cp = read_product(p)
+        if cp.header.get("FAILED"):
+            notes.append(f"{p.name}: failed at {cp.header.get('FAILSTEP')}")
+            continue
+        comps.append((p.name, cp))
+    return comps, notes
+
+
+def _cosmics(night, prod: Product, companions=()) -> Product:
     from .ops.cosmics import clean_cosmics
     opts = {k: v for k, v in night.settings.get("cosmics", {}).items()
             if k in ("sigclip", "sigfrac", "objlim", "niter", "cleantype", "psfmodel",
-                     "psf_test", "psf_delta", "grow_sigma", "fwhm_px")}
+                     "psf_test", "psf_delta", "grow_sigma", "fwhm_px", "compare",
+                     "compare_nsigma", "compare_scale_noise")}
     out = Product(prod.header.copy())
+    comps, notes = _companion_products(companions)
+    for i, (name, _) in enumerate(comps, 1):
+        out.header[f"CRCMP{i}"] = (name, "companion frame compared with (z step)")
+    for note in notes:
+        print(f"cosmics {out.header.get('RAWFILE', '')}: companion {note}")
     total = 0
     for name, d in prod.detectors.items():
         rn = float(d.header.get("RDNOISE", 0.0))
         sat = float(d.header.get("SATURATE", 1e9))
         sky = d.sky if d.sky is not None else 0.0
-        res = clean_cosmics(d.data, d.mask, sky_e=sky, rdnoise_e=rn, saturate_e=sat, **opts)
+        more = {}
+        cnames = [n for n, c in comps if name in c.detectors]
+        cdet = [(c.detectors[name].data, c.detectors[name].unc, c.detectors[name].mask)
+                for _, c in comps if name in c.detectors]
+        if cdet:
+            more = {"companions": cdet, "unc_e": d.unc}
+        res = clean_cosmics(d.data, d.mask, sky_e=sky, rdnoise_e=rn, saturate_e=sat, **opts, **more)
         h = d.header.copy()
         h["NCOSMIC"] = (res.ncosmic, "cosmic-ray events found and repaired")
         h["NCRPIX"] = (res.npix, "pixels flagged COSMIC")
         if res.psf_fwhm == res.psf_fwhm:     # not NaN: the PSF test ran
             h["CRFWHM"] = (round(res.psf_fwhm, 3), "[px] FWHM of the z step's PSF test")
+        if cdet:
+            h["NCRCMP"] = (res.ncompanions, "companion frames used for cosmic rays")
+            h["NCRPIXC"] = (res.npix_compare, "pixels flagged by the companion comparison")
+            h["NCRCLR"] = (res.npix_cleared, "single-frame flags cleared (a source in all)")
+            for c in res.companions:
+                if not c.used:
+                    print(f"cosmics {out.header.get('RAWFILE', '')} {name}: companion "
+                          f"{cnames[c.index]} not used: {c.why}")
         total += res.ncosmic
         out.detectors[name] = Detector(res.data, d.unc, res.flag(d.mask), h)
     out.header["NCOSMIC"] = (total, "cosmic-ray events, all detectors")
     return out
 
 
-def run_cosmics(night_dir: str, filename: str, src: str, out: str):
-    """doit action: sfp -> zsfp (astroscrappy in electrons with the s step's sky as background)."""
-    return _transform(night_dir, filename, src, out, "cosmics", _cosmics)
+def run_cosmics(night_dir: str, filename: str, src: str, out: str, companions=()):
+    """doit action: sfp -> zsfp (astroscrappy in electrons with the s step's sky as
+    background, then the comparison with the companion frames ``companions``, the sfp
+    products of other exposures of the same target and filter)."""
+    def fn(night, prod):
+        return _cosmics(night, prod, companions)
+    return _transform(night_dir, filename, src, out, "cosmics", fn)
 
 
 # --------------------------------------------------------------------------- a

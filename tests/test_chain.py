@@ -177,10 +177,12 @@ def test_sky_and_cosmics_against_truth(night):
                 star_pix += on.sum()
                 star_flag += np.count_nonzero(on & ((mask & COSMIC) != 0))
     assert total > 100
-    # the target is 95 %; L.A.Cosmic + the z step's second pass (PSF test, growing)
-    # flag 89.5 % of the pixels above 5 sigma here (119 of 133; L.A.Cosmic alone ~80-85 %),
-    # 0 of 49553 star pixels (what is still missed: reducer/ops/cosmics.py): hold that level
-    assert found / total >= 0.85, (found, total)
+    # the target: >= 95 %.  Each frame is compared with the night's other two
+    # exposures of FIELD-A (its z-step companions) after L.A.Cosmic and the single-frame
+    # second pass (one frame alone: 89.5 %, 119 of 133; reducer/ops/cosmics.py)
+    print(f"cosmic-ray pixels > 5 sigma flagged: {found} of {total}; star pixels flagged: "
+          f"{star_flag} of {star_pix}")
+    assert found / total >= 0.95, (found, total)
     assert star_flag / star_pix < 1e-3, (star_flag, star_pix)
 
 

@@ -212,22 +212,26 @@ def test_prune_of_a_night_never_built(tmp_path):
 
 def test_frames_other_tasks_read_keep_their_chain(tmp_path):
     """Without a catalogue each target's reference frame feeds the field reference from an
-    intermediate product: that frame's chain stays, the others are pruned."""
-    sim, nd = make_small_night(tmp_path, [Target("FIELD-C", nexp=3, exptime=120.0)], seed=5)
+    intermediate product: that frame's chain stays, and so do the chains of its z-step
+    companions (its cosmics task reads their sfp); the others are pruned."""
+    sim, nd = make_small_night(tmp_path, [Target("FIELD-C", nexp=5, exptime=120.0)], seed=5)
     cfg = tmp_path / "reducer.toml"
     cfg.write_text(re.sub(r"\[catalog\]\npath = .*\n", "", cfg.read_text()))
     doit(nd, "science")
     ref = json.loads((nd / "FIELD-C" / "fieldref.json").read_text())["frame"]
     r = prune(nd)
-    m = re.search(r"^FIELD-C: 2 frame\(s\) pruned, freed [\d.]+ MB; kept the chain of "
-                  r"(\S+) \(read by (fieldref:\S+)", r.stdout, re.M)
-    assert m, r.stdout
-    assert m.group(1) == ref
-    kept = ref.rsplit(".", 1)[0]
-    assert all((nd / "FIELD-C" / f"{pre}{kept}.fits").is_file() for pre in INTERMEDIATE)
-    others = [f["file"].rsplit(".", 1)[0] for f in sim.truth["frames"]
-              if f["type"] == "science" and f["file"].rsplit(".", 1)[0] != kept]
-    assert len(others) == 2
+    assert re.search(r"^FIELD-C: 2 frame\(s\) pruned, freed [\d.]+ MB; kept the chain of ", r.stdout, re.M), r.stdout
+    kept = dict(re.findall(r"kept the chain of (\S+) \(read by ([^)]*)\)", r.stdout))
+    files = sorted(f["file"] for f in sim.truth["frames"] if f["type"] == "science")
+    assert files[0] == ref and "fieldref:FIELD-C" in kept[ref]
+    # the reference frame's companions (the two after it) are read by its cosmics task
+    ref_stem = ref.rsplit(".", 1)[0]
+    assert set(kept) == set(files[:3])
+    assert all(f"cosmics:{ref_stem}" in kept[f] for f in files[1:3])
+    for f in files[:3]:
+        stem = f.rsplit(".", 1)[0]
+        assert all((nd / "FIELD-C" / f"{pre}{stem}.fits").is_file() for pre in INTERMEDIATE)
+    others = [f.rsplit(".", 1)[0] for f in files[3:]]
     assert not any((nd / "FIELD-C" / f"{pre}{s}.fits").exists() for s in others for pre in INTERMEDIATE)
     res = doit(nd, "science")
     assert executed(res.stdout) == set(), res.stdout

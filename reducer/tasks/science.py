@@ -90,10 +90,10 @@ def run_sky(night_dir: str, filename: str, src: str, out: str, mastersky: str = 
     return run(night_dir, filename, src, out, mastersky, mastersky_why)
 
 
-def run_cosmics(night_dir: str, filename: str, src: str, out: str):
+def run_cosmics(night_dir: str, filename: str, src: str, out: str, companions=()):
     """doit action: :func:`reducer.steps.run_cosmics`."""
     from ..steps import run_cosmics as run
-    return run(night_dir, filename, src, out)
+    return run(night_dir, filename, src, out, companions)
 
 
 def run_astrometry(night_dir: str, filename: str, src: str, out: str):
@@ -111,7 +111,7 @@ def run_zeropoint(night_dir: str, filename: str, src: str, out: str):
 RUNNERS = {"s": run_sky, "z": run_cosmics, "a": run_astrometry, "t": run_zeropoint}
 
 
-def frame_tasks(night, sets, frame, extra_deps=None, mastersky=None):
+def frame_tasks(night, sets, frame, extra_deps=None, mastersky=None, companions=()):
     """The chain tasks of one frame, and the path of its last product.
 
     ``extra_deps`` maps a step letter to more files its task depends on (the field
@@ -152,6 +152,9 @@ def frame_tasks(night, sets, frame, extra_deps=None, mastersky=None):
                 action = (run_sky, action[1] + [str(path) if path else "", why])
                 if path:
                     deps.append(str(path))
+            elif step == "z" and companions:
+                action = (run_cosmics, action[1] + [[str(c) for c in companions]])
+                deps += [str(c) for c in companions]
         deps = deps + [str(p) for p in extra_deps.get(step, ())]
         uptodate = [DigestUnchanged(_task_digest(night, name))]
         if step == "a" and not (_finite(frame.ra) and _finite(frame.dec)):
@@ -251,6 +254,33 @@ def mastersky_tasks(night, sets, frames):
     return tasks, use
 
 
+def cosmic_companions(night, sets, frames) -> dict:
+    """The other exposures each frame's z step compares with (``[cosmics] companions``,
+    default 2; 0 = none): raw file name -> the products those frames' z steps read.
+
+    Frames of the same target and filter in time order; frame ``i`` gets the ``K`` frames
+    before it, and the first ``K`` frames get the first ``K + 1`` but themselves. So a
+    frame's companions are frozen once ``K + 1`` frames of its group have arrived: until
+    then each new frame redoes the z step of the few frames already there, after that
+    new frames rebuild nothing earlier.
+    """
+    k = int(night.settings.get("cosmics", {}).get("companions", 2))
+    if k <= 0:
+        return {}
+    groups: dict = {}
+    for f in frames:
+        src = product_before(night, sets, f, "z")
+        if src is not None:
+            groups.setdefault((f.target, f.filter), []).append((f.mjd, f.file, src))
+    out = {}
+    for members in groups.values():
+        members.sort()
+        for i, (_, file, _) in enumerate(members):
+            pool = members[i - k:i] if i >= k else [m for m in members[:k + 1] if m[1] != file]
+            out[file] = [m[2] for m in pool]
+    return out
+
+
 def _usable_products(paths):
     """The products among ``paths`` that went through the chain and passed the quality limits;
     and (file, reason) of the others."""
@@ -347,8 +377,10 @@ def make_task_generator(night):
         yield {"basename": "mastersky", "name": None, "doc": LIST_DOCS["mastersky"]}
         msky_tasks, msky = mastersky_tasks(night, sets, sci)
         yield from msky_tasks
+        comps = cosmic_companions(night, sets, sci)
         for fr in sci:
-            tasks, last = frame_tasks(night, sets, fr, extra.get(fr.file), msky.get(fr.file))
+            tasks, last = frame_tasks(night, sets, fr, extra.get(fr.file), msky.get(fr.file),
+                                      comps.get(fr.file, ()))
             by_target.setdefault(fr.target, []).append(f"{tasks[-1]['basename']}:{tasks[-1]['name']}")
             if last.name.startswith("t"):
                 groups.setdefault((fr.target, fr.filter), []).append(str(last))
