@@ -67,10 +67,13 @@ def master_settings(night) -> dict:
     return out
 
 
-def mastersky_path(night_dir, filt: str, target: str | None = None) -> Path:
-    """``<night>/mastersky/mastersky_<filter>.fits`` (``..._<TARGET>_<filter>.fits`` per target)."""
+def mastersky_path(night_dir, filt: str, target: str | None = None, layout: str = "") -> Path:
+    """``<night>/mastersky/mastersky_<filter>.fits`` (``..._<TARGET>_<filter>.fits`` per target;
+    ``layout``, e.g. ``2x2_1024x1024``, appended for frames other than unbinned full frames)."""
     from .inventory import safe_name
     name = f"{target}_{safe_name(filt)}" if target else safe_name(filt)
+    if layout:
+        name += f"_{safe_name(layout)}"
     return Path(night_dir) / "mastersky" / f"mastersky_{name}.fits"
 
 
@@ -103,21 +106,30 @@ def plan(night, frames, product_of) -> tuple[dict, dict]:
         src = product_of(f)
         if src is None:
             continue
-        key = (f.filter, f.target if cfg["per_target"] else None)
+        # frames of another binning or window cannot be combined with these
+        key = (f.filter, f.target if cfg["per_target"] else None, f.binning, f.shape)
         groups.setdefault(key, []).append((f, src))
+    layouts: dict = {}
+    for filt, target, binning, shape in groups:
+        layouts.setdefault((filt, target), []).append((binning, shape))
     masters, use = {}, {}
-    for (filt, target), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+    for (filt, target, binning, shape), members in sorted(
+            groups.items(), key=lambda kv: tuple(v or "" for v in kv[0])):
         # standards (short, sparse, often not dithered) are corrected, never inputs
         sci = sorted((m for m in members if m[0].type == "science"), key=lambda m: (m[0].mjd, m[0].file))
         chosen = sci[:cfg["frames"]]
-        label = f"{filt}" + (f" of {target}" if target else "")
+        label = f"{filt}" + (f" of {target}" if target else "") + (
+            f" ({binning})" if binning not in ("", "1x1") else "")
         if len(chosen) < cfg["min_frames"]:
             why = (f"no master sky in {label} yet: {len(chosen)} of {cfg['min_frames']} "
                    "science frames needed")
             for f, _ in members:
                 use[f.file] = (None, why)
             continue
-        path = mastersky_path(night.dir, filt, target)
+        # the usual layout keeps the plain name; others (binned, windowed) say theirs
+        plain = binning in ("", "1x1") and len({sh for b, sh in layouts[(filt, target)]
+                                                 if b in ("", "1x1")}) <= 1
+        path = mastersky_path(night.dir, filt, target, "" if plain else f"{binning}_{shape}")
         masters[path] = chosen
         for f, _ in members:
             use[f.file] = (path, "")

@@ -196,3 +196,44 @@ def test_inputs_unchanged_and_errors(night):
     with pytest.raises(ValueError, match="no sky to build a master sky"):
         frame_sky({"CCD1": (np.zeros(SHAPE, np.float32) - 5, np.ones(SHAPE, np.float32),
                             np.zeros(SHAPE, np.uint16))})
+
+
+def _plan_night(tmp_path, **sky):
+    from types import SimpleNamespace
+    return SimpleNamespace(dir=tmp_path, settings={"sky": {"master": ["illumination"], **sky}})
+
+
+def _frames(spec):
+    from reducer.inventory import Frame
+    return [Frame(file=f"f{i:02d}.fits", type=t, target=tg, filter=fl, mjd=60000.0 + i / 100,
+                  binning=b, shape="1024x1024" if b == "1x1" else "512x512")
+            for i, (t, tg, fl, b) in enumerate(spec)]
+
+
+def test_plan_groups_by_filter_and_binning_and_freezes(tmp_path):
+    from reducer.mastersky import plan
+    spec = ([("science", "A", "r", "1x1")] * 4 + [("science", "B", "r", "2x2")] * 3
+            + [("standard", "SA1", "r", "1x1")] + [("science", "A", "i", "1x1")] * 2
+            + [("science", "B", "r", "1x1")] * 2)
+    frames = _frames(spec)
+    masters, use = plan(_plan_night(tmp_path, master_frames=5), frames, lambda f: tmp_path / f"fp{f.file}")
+    r = tmp_path / "mastersky" / "mastersky_r.fits"
+    r22 = tmp_path / "mastersky" / "mastersky_r_2x2_512x512.fits"
+    assert set(masters) == {r, r22}
+    # the first 5 unbinned r science frames, in time order (the standard is corrected, not an input)
+    assert [f.file for f, _ in masters[r]] == ["f00.fits", "f01.fits", "f02.fits", "f03.fits", "f10.fits"]
+    assert [f.file for f, _ in masters[r22]] == ["f04.fits", "f05.fits", "f06.fits"]
+    assert use["f07.fits"] == (r, "") and use["f11.fits"] == (r, "") and use["f05.fits"] == (r22, "")
+    assert use["f08.fits"] == (None, "no master sky in i yet: 2 of 3 science frames needed")
+    # per target: A and B apart
+    masters, _ = plan(_plan_night(tmp_path, master_per_target=True), frames, lambda f: tmp_path / f.file)
+    assert tmp_path / "mastersky" / "mastersky_A_r.fits" in masters
+
+
+@pytest.mark.parametrize("sky,match", [({"master": ["superflat"]}, "'superflat' is not one of illumination, fringe"),
+                                       ({"master_min_frames": 1}, "needs 2 <= master_min_frames <= master_frames"),
+                                       ({"master_frames": 2, "master_min_frames": 3}, "got 3 and 2")])
+def test_plan_settings_errors(tmp_path, sky, match):
+    from reducer.mastersky import MasterSkySettingsError, plan
+    with pytest.raises(MasterSkySettingsError, match=match):
+        plan(_plan_night(tmp_path, **sky), _frames([("science", "A", "r", "1x1")]), lambda f: None)
