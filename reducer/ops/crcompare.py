@@ -38,6 +38,18 @@ Steps
    ``unc``.  The flags (the seeds and those the single-frame passes give) are then grown
    into 8-connected neighbours with ``data - model > grow_sigma * sigma_d`` (iterated).
    Masked pixels and pixels no usable companion covers are never flagged.
+   *Variable stars*: near sources (a 7 x 7 box holding a model pixel above 5 sigma) the
+   excess ``data - model`` of the box is fitted as ``a * model`` (weighted least squares;
+   a second fit leaves out the first fit's pixels above 2.5 sigma and their neighbours,
+   so a cosmic ray does not pull ``a``); where ``a`` is significant (> 5 sigma_a) and
+   positive, the significance of the pixel is that of ``data - (1 + a) * model`` against
+   sigma_d computed with ``(1 + a) * model``.  A star brighter in this frame than in its
+   companions (flare, cataclysmic variable, eclipsing binary, transit host) is thus
+   neither flagged nor repaired (tested at 1.3 / 2 / 5 x, and 0.5 x, at S/N 200); a
+   deposit on it is still found when it exceeds ~4.5 x ``scale_noise`` of the star's
+   light there (tested: a deposit equal to the star's light at 2 px from its centre).
+   A 10 sigma (photon noise) deposit on a bright star's flank is not: the ``scale_noise``
+   term dominates sigma_d there (as without the refit).
 
 6. Single-frame flags (L.A.Cosmic, PSF test) on pixels the companions show as a source
    (model above ``veto_snr`` = 5 sigma) and that do not exceed the model by
@@ -73,8 +85,16 @@ Cost: 1.2-2.0 s for a 2048 x 4096 frame with 2 companions (float32; registration
 ~0.25 s per companion), against ~10.5 s for L.A.Cosmic and the second pass on that frame
 (measured on the shared 2-core machine).
 
-Moving objects (asteroids) and variable stars are in one exposure only, too: they are
-flagged like cosmic rays where the comparison runs.
+Known limitation: a moving object (an asteroid in one exposure only, no source in the
+companions at its place) cannot be told from a cosmic-ray spot by comparison: it is
+flagged and repaired like one where the comparison runs.  ``[cosmics] compare = false``
+turns the comparison off for nights where that matters.  (Variable stars are handled by
+the refit of step 5.)  With the refit (2 / 3 companions): synthetic 97.7 / 98.4 % of
+the > 5 sigma pixels (unchanged), simulator 95.5 / 96.4 % (was 95.9 / 96.7 %; > 10 sigma
+98.4 / 98.5 %, > 20 sigma 99.6 / 99.6 %), star pixels unchanged (0.035 / 0.032 % and
+0.044 / 0.003 %).  Measured without the significance gate (refit wherever a source is near):
+simulator 94.5 % with 2 companions (cosmic rays near stars raise ``a``), hence the gate
+and the clipped second fit.
 
 Settings (``[cosmics]`` of the night): ``compare = true`` (use the companions when
 given), ``compare_nsigma`` (``nsigma``), ``compare_scale_noise`` (``scale_noise``).
@@ -404,11 +424,59 @@ def _grow(excess, allowed, start, maxiter: int = 8):
     return cm
 
 
+def _refit_sources(d, model, vmodel, unc, allowed, z, f, *, box: int, src_snr: float,
+                   clip_sigma: float = 2.5, gate_sigma: float = 5.0):
+    """``(data - model) / sigma_d`` with the model rescaled locally near sources.
+
+    Where a ``box`` x ``box`` box about a pixel holds a model pixel above ``src_snr``
+    sigma, the excess ``data - model`` over the box's usable pixels is fitted as ``a *
+    model`` (weighted least squares, weights ``1 / sigma_d^2``; pixels of the first fit's
+    residual above ``nsigma`` left out of a second fit: a cosmic ray does not pull ``a``),
+    ``a`` clipped at 0, and the pixel's significance becomes ``(data - (1 + a) model) /
+    sigma_d'``, ``sigma_d'^2 = unc^2 + (1 + a)^2 unc_model^2 + (f (1 + a) model)^2``: a
+    star brighter in this frame than in its companions (a variable) is not an excess, a
+    concentrated deposit on it still is.  Elsewhere ``z`` is returned as it is.
+    """
+    from scipy.ndimage import binary_dilation, maximum_filter, uniform_filter
+
+    m = np.where(allowed, model, 0).astype(np.float64)
+    e = np.where(allowed, d - model, 0).astype(np.float64)
+    vm = np.where(allowed, vmodel, 0).astype(np.float64)
+    u2 = unc.astype(np.float64) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        src = allowed & (m > src_snr * np.sqrt(u2 + vm))
+    if not src.any():
+        return z
+    region = maximum_filter(src, size=box) & allowed
+    w = np.where(allowed, 1.0 / (u2 + vm + (f * np.maximum(m, 0)) ** 2), 0.0)
+
+    def fit(wt):
+        num = uniform_filter(wt * m * e, size=box, mode="constant")
+        den = uniform_filter(wt * m * m, size=box, mode="constant")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            a = np.where(den > 0, num / den, 0.0)
+        a = np.maximum(np.where(np.isfinite(a), a, 0.0), 0.0)
+        g = 1.0 + a
+        with np.errstate(invalid="ignore", divide="ignore"):
+            zz = (e - a * m) / np.sqrt(u2 + g * g * vm + (f * g * np.maximum(m, 0)) ** 2)
+        # a / sigma_a (den is the box mean of w m^2: the sum over box^2 pixels)
+        return np.where(allowed, zz, 0.0), a * np.sqrt(np.maximum(den, 0.0) * box * box)
+
+    z1, _ = fit(w)
+    # pixels of the first residual above clip_sigma, and their 8 neighbours, left out
+    clip = binary_dilation(z1 > clip_sigma, np.ones((3, 3), bool))
+    z2, sa = fit(np.where(clip, 0.0, w))
+    region &= sa > gate_sigma
+    out = z.copy()
+    out[region] = z2[region].astype(z.dtype)
+    return out
+
+
 def compare_companions(data_e, unc_e, bad, companions, *, nsigma: float = 4.5,
                        scale_noise: float = 0.15, grow_sigma: float = 2.5,
                        local_sigma: float = 3.0, reject_sigma: float = 4.0,
                        start=None, veto_snr: float = 5.0, max_shift: float = 150.0,
-                       sat_grow_px: int = 2,
+                       sat_grow_px: int = 2, refit_box: int = 7, refit_snr: float = 5.0,
                        mask_bits: int = UNUSABLE) -> CompareResult:
     """Flag the pixels that exceed the companions' model of the frame (module docstring).
 
@@ -444,6 +512,11 @@ def compare_companions(data_e, unc_e, bad, companions, *, nsigma: float = 4.5,
         Largest dither accepted [pixel].
     sat_grow_px : int
         Companion pixels within this many pixels (square) of a SATURATED one are unusable.
+    refit_box : int
+        Side [pixel] of the box in which the model is refitted with a local flux scale
+        near sources (variable stars, step 5 of the module docstring); 0 = no refit.
+    refit_snr : float
+        The refit applies where the box holds a model pixel above this many sigma.
     mask_bits : int
         Bits of a companion's mask that make a pixel unusable.
 
@@ -522,6 +595,9 @@ def compare_companions(data_e, unc_e, bad, companions, *, nsigma: float = 4.5,
         sig = np.sqrt(unc * unc + vmodel + (f * np.maximum(model, 0)) ** 2)
         z = (d - model) / sig
     z[~allowed] = 0
+    if refit_box > 0:
+        z = _refit_sources(d, model, vmodel, unc, allowed, z, f, box=int(refit_box),
+                           src_snr=refit_snr)
     yy, xx = np.nonzero(z > nsigma)
     seeds = np.zeros(shape, bool)
     if yy.size:
