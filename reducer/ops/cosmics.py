@@ -140,7 +140,7 @@ registers and scales each, builds a model of this frame from them and flags the 
 above it (``compare_nsigma`` = 4.5 sigma, with ``compare_scale_noise`` = 0.15 of the
 model in the noise), grows every flag into neighbours above the model, and clears the
 single-frame flags on sources all the companions show.  The goal is reached there: >=
-95 % of the strong pixels with 2 companions (synthetic 97.7 %, simulator 95.9 %; star
+95 % of the strong pixels with 2 companions (synthetic 97.7 %, simulator 95.5 %; star
 pixels 0.035 % / 0.044 %), figures in that module's docstring.  Without companions,
 none usable, or ``compare = false``, the result is the single-frame one, bit for bit.
 Settings (``[cosmics]``): ``compare``, ``compare_nsigma``, ``compare_scale_noise``.

@@ -439,36 +439,47 @@ def _refit_sources(d, model, vmodel, unc, allowed, z, f, *, box: int, src_snr: f
     """
     from scipy.ndimage import binary_dilation, maximum_filter, uniform_filter
 
-    m = np.where(allowed, model, 0).astype(np.float64)
-    e = np.where(allowed, d - model, 0).astype(np.float64)
-    vm = np.where(allowed, vmodel, 0).astype(np.float64)
-    u2 = unc.astype(np.float64) ** 2
+    f32 = np.float32
+    m = np.where(allowed, model, 0).astype(f32)
+    vm = np.where(allowed, vmodel, 0).astype(f32)
+    u2 = np.square(unc, dtype=f32) if np.ndim(unc) else np.full(m.shape, f32(unc) ** 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         src = allowed & (m > src_snr * np.sqrt(u2 + vm))
     if not src.any():
         return z
     region = maximum_filter(src, size=box) & allowed
-    w = np.where(allowed, 1.0 / (u2 + vm + (f * np.maximum(m, 0)) ** 2), 0.0)
+    # the fits are needed at the region's pixels, and the first fit's residual also where
+    # the second fit's boxes reach (for its clipping): everything else is left alone, so
+    # only the box sums run over the whole image
+    near = maximum_filter(region, size=box + 2) & allowed
+    at_near = np.flatnonzero(near)
+    e = np.where(allowed, d - model, 0).astype(f32)
+    w = np.where(allowed, 1.0 / (u2 + vm + np.square(f * np.maximum(m, 0))), 0).astype(f32)
 
-    def fit(wt):
-        num = uniform_filter(wt * m * e, size=box, mode="constant")
-        den = uniform_filter(wt * m * m, size=box, mode="constant")
+    def fit(wt, at):
+        num = uniform_filter(wt * m * e, size=box, mode="constant").ravel()[at].astype(np.float64)
+        den = uniform_filter(wt * m * m, size=box, mode="constant").ravel()[at].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             a = np.where(den > 0, num / den, 0.0)
         a = np.maximum(np.where(np.isfinite(a), a, 0.0), 0.0)
         g = 1.0 + a
+        mm, ee = m.ravel()[at].astype(np.float64), e.ravel()[at].astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            zz = (e - a * m) / np.sqrt(u2 + g * g * vm + (f * g * np.maximum(m, 0)) ** 2)
+            zz = (ee - a * mm) / np.sqrt(u2.ravel()[at] + g * g * vm.ravel()[at]
+                                         + (f * g * np.maximum(mm, 0)) ** 2)
         # a / sigma_a (den is the box mean of w m^2: the sum over box^2 pixels)
-        return np.where(allowed, zz, 0.0), a * np.sqrt(np.maximum(den, 0.0) * box * box)
+        return zz, a * np.sqrt(np.maximum(den, 0.0) * box * box)
 
-    z1, _ = fit(w)
+    z1, _ = fit(w, at_near)
     # pixels of the first residual above clip_sigma, and their 8 neighbours, left out
-    clip = binary_dilation(z1 > clip_sigma, np.ones((3, 3), bool))
-    z2, sa = fit(np.where(clip, 0.0, w))
-    region &= sa > gate_sigma
+    high = np.zeros(m.shape, bool)
+    high.ravel()[at_near[z1 > clip_sigma]] = True
+    clip = binary_dilation(high, np.ones((3, 3), bool))
+    at = np.flatnonzero(region)
+    z2, sa = fit(np.where(clip, f32(0), w), at)
+    keep = sa > gate_sigma
     out = z.copy()
-    out[region] = z2[region].astype(z.dtype)
+    out.ravel()[at[keep]] = z2[keep].astype(z.dtype)
     return out
 
 
