@@ -16,7 +16,6 @@ Parsing rules for malformed values (each parsed only where unambiguous):
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass

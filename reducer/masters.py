@@ -733,7 +733,6 @@ def _build_detector(cs: CalSet, det, raws: list, frames: list, *, nsigma: float,
                                             path=scratch.plain(rd.path),
                                             block_bytes=int(min(16 * 2**20,
                                                                 max(2**20, budget // 32)))))
-        n = len(sources)
         ny, nx = sources[0].shape
         avail = budget - sum(s.state_bytes() for s in sources)
         # overscan pass: rows per read so that one pass takes at most a quarter of the budget
@@ -848,7 +847,7 @@ def _prepass(cs: CalSet, det, frames, sources, avail: int, mem: int):
     if h < b:
         raise _too_small(cs, det, "read the input frames", b * per_row - free, mem)
 
-    smalls, sat_counts, sky, bad = [], {}, {}, {}
+    smalls, sky, bad = [], {}, {}
     sat = None if det.saturate is None else np.float64(det.saturate)
     for f, s in zip(frames, sources):
         small = np.empty((ny // b, nx // b), np.float32) if (need_bias or need_flat) else None
