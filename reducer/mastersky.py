@@ -30,7 +30,10 @@ MODES = ("illumination", "fringe")
 _SUFFIXES = ("_UNC", "_CNT", "_ILLUM", "_FRINGE", "_FRUNC")
 
 
-class MasterSkySettingsError(ValueError):
+from .config import SettingsError
+
+
+class MasterSkySettingsError(SettingsError):
     """The ``[sky]`` master-sky settings are invalid."""
 
 
@@ -50,15 +53,22 @@ def master_settings(night) -> dict:
         if m not in MODES:
             raise MasterSkySettingsError(f"[sky] master: {m!r} is not one of {', '.join(MODES)}")
     filters = opts.get("master_filters", [])
+
+    def number(key, default, kind):
+        value = opts.get(key, default)
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise MasterSkySettingsError(f"[sky] {key}: {value!r} is not a number") from None
     out = {
         "modes": [m for m in MODES if m in modes],
         "filters": [filters] if isinstance(filters, str) else list(filters),
         "per_target": bool(opts.get("master_per_target", False)),
-        "frames": int(opts.get("master_frames", 7)),
-        "min_frames": int(opts.get("master_min_frames", 3)),
-        "nsigma": float(opts.get("master_nsigma", 3.0)),
-        "box": int(opts.get("master_box", opts.get("box", 64))),
-        "fringe_sigma": float(opts.get("fringe_sigma", 1.0)),
+        "frames": number("master_frames", 7, int),
+        "min_frames": number("master_min_frames", 3, int),
+        "nsigma": number("master_nsigma", 3.0, float),
+        "box": number("master_box", opts.get("box", 64), int),
+        "fringe_sigma": number("fringe_sigma", 1.0, float),
     }
     if out["min_frames"] < 2 or out["frames"] < out["min_frames"]:
         raise MasterSkySettingsError(
@@ -75,6 +85,11 @@ def mastersky_path(night_dir, filt: str, target: str | None = None, layout: str 
     if layout:
         name += f"_{safe_name(layout)}"
     return Path(night_dir) / "mastersky" / f"mastersky_{name}.fits"
+
+
+def mastersky_name(path) -> str:
+    """The name of a master sky (``i``, ``FIELD-A_i`` ...): its task name, report label."""
+    return Path(path).stem[len("mastersky_"):]
 
 
 def plan(night, frames, product_of) -> tuple[dict, dict]:

@@ -578,17 +578,18 @@ def _master_skies(ndir: Path) -> list:
     """One line per master sky of the night (``[sky] master``): frames, corrections, holes,
     or why it could not be made."""
     from astropy.io import fits
+    from .mastersky import mastersky_name
     out = []
     for p in sorted((ndir / "mastersky").glob("mastersky_*.fits")):
         try:
             h = fits.getheader(p)
         except OSError as exc:
-            out.append(f"{p.stem[10:]}: unreadable ({exc})")
+            out.append(f"{mastersky_name(p)}: unreadable ({exc})")
             continue
         if not h.get("MSKYOK"):
-            out.append(f"{p.stem[10:]}: NOT BUILT: {h.get('MSKYWHY', '')}")
+            out.append(f"{mastersky_name(p)}: NOT BUILT: {h.get('MSKYWHY', '')}")
             continue
-        out.append(f"{p.stem[10:]}: {h.get('NFRAMES')} frames, corrects {h.get('MSKYMODE', '')}, "
+        out.append(f"{mastersky_name(p)}: {h.get('NFRAMES')} frames, corrects {h.get('MSKYMODE', '')}, "
                    f"{100 * float(h.get('MSKYEMPT', 0.0)):.1f} % of pixels with no frame")
     return out
 

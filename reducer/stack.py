@@ -125,7 +125,7 @@ def build_stack(night, paths, out: Path) -> dict:
         prim["PHOTZP"] = (zref, "[mag] m = -2.5 log10(flux [e-/s]) + PHOTZP")
         if np.isfinite(zperr):
             prim["PHOTZPER"] = (round(zperr, 5), "[mag] zero point error from the frames'")
-    prim["NOISECOR"] = (round(noisecor, 4), "var of aperture sums / per-pixel var (resampling)")
+    prim["NOISECOR"] = (round(noisecor, 4), "aperture-sum var / pixel var (resampling)")
     prim.add_comment("STACK_UNC is right for sums over areas of >~ 4x4 px (apertures); the "
                      "noise of a single pixel is STACK_UNC / sqrt(NOISECOR)")
     if relative:

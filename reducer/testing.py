@@ -1322,8 +1322,9 @@ def make_night(
         xf = np.arange(geom.nd)[None, :] + d.offset[0]
         yf = np.arange(geom.ny)[:, None] + d.offset[1]
         m["fringe"] = {f: _fringe_pattern(seed, f, xf, yf) for f in (fringe or {})}
-        m["dome_illum"] = (1.0 + float(dome_illumination) * (2.0 * (xf - fx1) / (fx2 - fx1) - 1.0)
-                           + 0.0 * yf) if dome_illumination else None
+        m["dome_illum"] = np.broadcast_to(
+            1.0 + float(dome_illumination) * (2.0 * (xf - fx1) / (fx2 - fx1) - 1.0),
+            (geom.ny, geom.nd)) if dome_illumination else None
     # normalise each filter's response to median 1 over both detectors
     for f in flat_filters:
         med = float(np.median(np.concatenate([maps[d.name]["responses"][f].ravel() for d in dets])))

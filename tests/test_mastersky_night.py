@@ -139,3 +139,14 @@ def test_redo_of_a_target_keeps_the_master_and_the_other_target(night):
     assert "mastersky_i: unchanged" in r.stdout
     assert not any("FIELD-B" in t for t in executed(r.stdout))
     assert executed(doit(nd, "science").stdout) == set()
+
+
+@pytest.mark.parametrize("extra,message", [
+    ('[sky]\nmaster = ["superflat"]', "[sky] master: 'superflat' is not one of illumination, fringe"),
+    ("[sky]\nmaster_frames = \"x\"", "[sky] master_frames: 'x' is not a number")])
+def test_bad_master_sky_settings_are_one_line(tmp_path, extra, message):
+    sim, nd = make_small_night(tmp_path, [Target("FIELD-A", nexp=1, exptime=60.0)], night_toml=extra)
+    r = doit(nd, "list", check=False)
+    assert r.returncode == 3
+    out = r.stdout + r.stderr
+    assert f"ERROR: {message}" in out and "Traceback" not in out

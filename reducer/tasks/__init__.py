@@ -34,10 +34,19 @@ def doit_config(night) -> dict:
 
 def night_tasks(dodo_file) -> dict:
     """``DOIT_CONFIG`` and the ``task_*`` generators of the night holding ``dodo_file``."""
+    from doit.exceptions import InvalidDodoFile
+    from ..config import SettingsError
+    from ..mastersky import master_settings
     from ..night import Night
     import os
     from . import calib, inventory, redo, reports, science
-    night = Night(Path(dodo_file))
+    try:
+        # settings errors (and those the delayed generators would meet) in one line: doit
+        # prints "ERROR: ..." and exits with status 3
+        night = Night(Path(dodo_file))
+        master_settings(night)
+    except SettingsError as exc:
+        raise InvalidDodoFile(str(exc)) from None
     command = _guard_run(night)
     # each doit process uses this many threads (OpenMP in astroscrappy, BLAS): with
     # num_process workers on the machine's cores, more only makes them fight

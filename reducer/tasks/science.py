@@ -241,16 +241,16 @@ def reference_tasks(night, sets, frames):
 def mastersky_tasks(night, sets, frames):
     """Master-sky tasks (``[sky] master``: :mod:`reducer.mastersky`), and the
     (path, reason) each frame's s step uses."""
-    from ..mastersky import plan, run_mastersky
+    from ..mastersky import mastersky_name, plan, run_mastersky
     masters, use = plan(night, frames, lambda f: product_before(night, sets, f, "s"))
     tasks = []
     for path, chosen in masters.items():
         inputs = [str(src) for _, src in chosen]
-        tasks.append({"basename": "mastersky", "name": path.stem.replace("mastersky_", ""),
+        tasks.append({"basename": "mastersky", "name": mastersky_name(path),
                       "file_dep": inputs, "targets": [str(path)],
                       "actions": [(run_mastersky, [str(night.dir), inputs, str(path)])],
                       "uptodate": [DigestUnchanged(_task_digest(night, "sky"))], "clean": True,
-                      "doc": f"master sky {path.stem[10:]} from {len(chosen)} frames"})
+                      "doc": f"master sky {mastersky_name(path)} from {len(chosen)} frames"})
     return tasks, use
 
 
